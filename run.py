@@ -1,0 +1,50 @@
+"""SimCLR pretraining, fine-tuning and evaluation.
+
+Usage:
+  python run.py --mode=train_then_eval --train_batch_size=4096 \
+      --model_dir=/tmp/simclr
+  python run.py --flagfile=flags/cifar10_pretrain.cfg --model_dir=/tmp/c10
+
+All flags are defined in simclr_tf/cli.py (`python run.py --helpfull`).
+"""
+
+import sys
+
+from absl import app, logging
+
+from simclr_tf import cli
+from simclr_tf.config import ConfigError
+
+
+def parse_and_validate(argv: list[str]) -> list[str]:
+    """Parses flags and validates them before any TensorFlow work, so that
+    `--only_check_args` also checks values."""
+    remaining = app.parse_flags_with_usage(argv)
+    try:
+        cli.config_from_flags()
+    except ConfigError as e:
+        sys.stderr.write(f"run.py: error: {e}\n")
+        sys.exit(2)
+    return remaining
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    config = cli.config_from_flags()
+    if not config.train.model_dir:
+        sys.stderr.write(
+            "run.py: error: Received: model_dir=None. Pass --model_dir=DIR "
+            "for checkpoints, logs and results.\n"
+        )
+        sys.exit(2)
+    cli.write_run_files(config)
+    # Imported here so that flag errors and --helpfull need no TensorFlow.
+    from simclr_tf import experiment
+
+    logging.info("Flags used:\n%s", cli.flags_file_text())
+    experiment.run(config)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_and_validate)

@@ -1,0 +1,1 @@
+"""Augmentations and tf.data input pipelines."""

@@ -1,0 +1,1 @@
+"""ResNet encoder, projection and supervised heads, the SimCLR model."""
