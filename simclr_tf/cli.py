@@ -67,9 +67,7 @@ flags.DEFINE_integer(
 flags.DEFINE_integer(
     "eval_batch_size", 256, "Global evaluation batch size in images."
 )
-flags.DEFINE_integer(
-    "checkpoint_epochs", 1, "Epochs between checkpoints."
-)
+flags.DEFINE_integer("checkpoint_epochs", 1, "Epochs between checkpoints.")
 flags.DEFINE_integer(
     "checkpoint_steps",
     0,
@@ -281,9 +279,7 @@ flags.DEFINE_enum(
     "Compute dtype of the encoder and heads (variables stay float32; the "
     "loss and logits are float32).",
 )
-flags.DEFINE_bool(
-    "jit_compile", False, "Compile the training step with XLA."
-)
+flags.DEFINE_bool("jit_compile", False, "Compile the training step with XLA.")
 flags.DEFINE_integer(
     "cpu_replicas",
     0,

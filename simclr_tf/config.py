@@ -154,9 +154,7 @@ GROUPS: dict[str, type] = {
 def field_names() -> list[str]:
     """Every leaf field name (= flag name) of `Config`, in definition order."""
     return [
-        f.name
-        for group in GROUPS.values()
-        for f in dataclasses.fields(group)
+        f.name for group in GROUPS.values() for f in dataclasses.fields(group)
     ]
 
 
@@ -204,7 +202,8 @@ def _check(ok: bool, message: str) -> None:
 def _check_enum(name: str, value: Any, allowed: tuple) -> None:
     _check(
         value in allowed,
-        f"Received: {name}={value!r}. Use one of {', '.join(map(str, allowed))}.",
+        f"Received: {name}={value!r}. "
+        f"Use one of {', '.join(map(str, allowed))}.",
     )
 
 

@@ -1,0 +1,227 @@
+"""Tests of the command line: flags, recipes, flags.cfg replay, layering."""
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from simclr_tf import cli
+from simclr_tf import config as config_lib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+RECIPES = sorted((ROOT / "flags").glob("*.cfg"))
+
+
+def _parse(*args):
+    cli.FLAGS.unparse_flags()
+    cli.FLAGS(["run.py", *args])
+    return cli.config_from_flags()
+
+
+@pytest.fixture(autouse=True)
+def _reset_flags():
+    yield
+    cli.FLAGS.unparse_flags()
+
+
+def test_every_config_field_is_a_flag_and_back():
+    names = set(config_lib.field_names())
+    defined = {f.name for f in cli.FLAGS.get_key_flags_for_module(cli)}
+    assert names == defined
+
+
+def test_flag_defaults_equal_config_defaults():
+    assert _parse() == config_lib.Config()
+
+
+# What each recipe must contain, from SPEC.md §8 and the paper.
+EXPECTED = {
+    "cifar10_pretrain.cfg": dict(
+        train_mode="pretrain",
+        dataset="cifar10",
+        image_size=32,
+        resnet_depth=18,
+        train_batch_size=512,
+        train_epochs=1000,
+        learning_rate=1.0,
+        weight_decay=1e-4,
+        temperature=0.5,
+        use_blur=False,
+        color_jitter_strength=0.5,
+        eval_split="test",
+    ),
+    "cifar10_lineareval.cfg": dict(
+        train_mode="finetune",
+        fine_tune_after_block=4,
+        zero_init_logits_layer=True,
+        global_bn=False,
+        optimizer="momentum",
+        learning_rate=0.1,
+        weight_decay=0.0,
+        train_epochs=100,
+        train_batch_size=512,
+        warmup_epochs=0.0,
+        dataset="cifar10",
+        image_size=32,
+        resnet_depth=18,
+        eval_split="test",
+    ),
+    "cifar10_finetune.cfg": dict(
+        train_mode="finetune",
+        fine_tune_after_block=-1,
+        dataset="cifar10",
+        image_size=32,
+        resnet_depth=18,
+    ),
+    "imagenet_r50_pretrain.cfg": dict(
+        train_mode="pretrain",
+        dataset="imagenet2012",
+        resnet_depth=50,
+        image_size=224,
+        train_batch_size=4096,
+        learning_rate=0.3,
+        learning_rate_scaling="linear",
+        temperature=0.1,
+        weight_decay=1e-6,
+        train_epochs=100,
+        use_blur=True,
+    ),
+    "imagenet_r50_lineareval.cfg": dict(
+        train_mode="finetune",
+        fine_tune_after_block=4,
+        resnet_depth=50,
+        dataset="imagenet2012",
+        optimizer="momentum",
+        learning_rate=0.1,
+        train_epochs=90,
+        train_batch_size=4096,
+    ),
+    "imagenet_r50_finetune_1pct.cfg": dict(
+        train_mode="finetune",
+        dataset="imagenet2012_subset/1pct",
+        ft_proj_selector=1,
+        num_proj_layers=3,
+        optimizer="lars",
+        learning_rate=0.005,
+        learning_rate_scaling="sqrt",
+        train_epochs=60,
+        train_batch_size=1024,
+        fine_tune_after_block=-1,
+    ),
+    "imagenet_r50_finetune_10pct.cfg": dict(
+        train_mode="finetune",
+        dataset="imagenet2012_subset/10pct",
+        ft_proj_selector=1,
+        optimizer="lars",
+        train_epochs=30,
+    ),
+    "smoke.cfg": dict(
+        resnet_depth=18,
+        image_size=32,
+        train_batch_size=8,
+        train_steps=2,
+        mode="train_then_eval",
+    ),
+}
+
+
+def test_every_recipe_is_checked():
+    assert {p.name for p in RECIPES} >= set(EXPECTED)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_recipe_parses_into_valid_config(recipe):
+    flat = config_lib.to_flat(_parse(f"--flagfile={recipe}"))
+    expected = EXPECTED.get(recipe.name, {})
+    assert {k: flat[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_recipe_has_documented_header(recipe):
+    header = recipe.read_text().split("\n--", 1)[0].lower()
+    for word in ("command", "expected result", "runtime"):
+        assert word in header, f"{recipe.name}: header lacks '{word}'"
+
+
+def test_flags_file_replays_to_equal_config(tmp_path):
+    config = _parse(
+        f"--flagfile={ROOT / 'flags' / 'smoke.cfg'}",
+        f"--model_dir={tmp_path}",
+        "--temperature=0.25",
+        "--nohidden_norm",
+        "--checkpoint=/some/ckpt",
+    )
+    cli.write_run_files(config)
+    replayed = _parse(f"--flagfile={tmp_path / 'flags.cfg'}")
+    assert replayed == config
+    assert replayed.loss.temperature == 0.25
+    assert replayed.loss.hidden_norm is False
+    assert (tmp_path / "config.json").read_text().count('"temperature"') == 1
+
+
+def test_layering_only_cli_touches_absl_flags():
+    offenders = []
+    for path in (ROOT / "simclr_tf").rglob("*.py"):
+        if path.name == "cli.py":
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "absl":
+                if any(a.name == "flags" for a in node.names):
+                    offenders.append(f"{path}: from absl import flags")
+            if isinstance(node, ast.Import):
+                if any(a.name == "absl.flags" for a in node.names):
+                    offenders.append(f"{path}: import absl.flags")
+            if isinstance(node, ast.Name) and node.id == "FLAGS":
+                offenders.append(f"{path}: names FLAGS")
+            if isinstance(node, ast.Attribute) and node.attr == "FLAGS":
+                offenders.append(f"{path}: names FLAGS")
+    assert not offenders
+
+
+def _run_py(*args):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+
+
+def test_helpfull_lists_all_reference_flags():
+    out = _run_py("--helpfull").stdout
+    for name in config_lib.field_names():
+        assert f"--{name}" in out or f"--[no]{name}" in out, name
+
+
+def test_only_check_args_on_smoke_recipe():
+    result = _run_py("--flagfile=flags/smoke.cfg", "--only_check_args")
+    assert result.returncode == 0, result.stderr
+
+
+def test_invalid_value_is_one_line_before_tensorflow():
+    result = _run_py("--temperature=0", "--only_check_args")
+    assert result.returncode != 0
+    assert "temperature=0.0" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_misspelt_flag_gets_absl_suggestion():
+    result = _run_py("--temprature=0.5", "--only_check_args")
+    assert result.returncode != 0
+    assert "Did you mean: temperature" in result.stderr
+
+
+def test_unknown_enum_value_is_rejected():
+    result = _run_py("--optimizer=sgd", "--only_check_args")
+    assert result.returncode != 0
+    assert "optimizer" in result.stderr and "lars" in result.stderr
+
+
+def test_missing_model_dir_is_a_clear_error():
+    result = _run_py("--flagfile=flags/smoke.cfg")
+    assert result.returncode == 2
+    assert "model_dir=None" in result.stderr
