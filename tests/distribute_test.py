@@ -1,0 +1,48 @@
+"""Tests of simclr_tf.distribute: strategy choice and batch checks."""
+
+import json
+
+import pytest
+import tensorflow as tf
+
+from simclr_tf import distribute
+from simclr_tf.config import ConfigError, RuntimeConfig
+from tests.helpers import two_replica_strategy
+
+
+def test_cpu_default_is_one_replica(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    strategy = distribute.build_strategy(RuntimeConfig())
+    assert strategy.num_replicas_in_sync == 1
+    assert distribute.is_chief(strategy)
+
+
+def test_cpu_replicas_mirror_over_logical_devices(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    # conftest already split the CPU into 2 logical devices.
+    strategy = distribute.build_strategy(RuntimeConfig(cpu_replicas=2))
+    assert isinstance(strategy, tf.distribute.MirroredStrategy)
+    assert strategy.num_replicas_in_sync == 2
+
+
+def test_cpu_replicas_after_initialisation_is_a_clear_error():
+    with pytest.raises(ConfigError, match="cpu_replicas=3"):
+        distribute.build_strategy(RuntimeConfig(cpu_replicas=3))
+
+
+def test_batch_must_divide_by_replicas():
+    strategy = two_replica_strategy()
+    assert (
+        distribute.check_batch_divisible("train_batch_size", 8, strategy) == 4
+    )
+    with pytest.raises(ConfigError, match="train_batch_size=7.*2 replicas"):
+        distribute.check_batch_divisible("train_batch_size", 7, strategy)
+
+
+def test_tf_config_worker_count(monkeypatch):
+    cluster = {"worker": ["127.0.0.1:1", "127.0.0.1:2"], "chief": ["c:3"]}
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster}))
+    assert distribute.num_workers_in_tf_config() == 3
+    monkeypatch.setenv("TF_CONFIG", "{not json")
+    with pytest.raises(ConfigError, match="TF_CONFIG"):
+        distribute.num_workers_in_tf_config()
