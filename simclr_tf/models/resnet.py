@@ -1,0 +1,737 @@
+"""ResNet v1 encoder of SimCLR v1/v2 (SPEC.md §3), as Keras 3 layers.
+
+Post-activation ResNet (He et al., arXiv:1512.03385) with the choices of the
+reference `tf2/resnet.py`: the stride sits on the 3x3 conv of a bottleneck
+(v1.5), strided convs use explicit "fixed" padding, the last BN of each block
+starts with gamma = 0, every block group starts with a projection shortcut,
+and optionally selective kernels + ResNet-D (SimCLRv2, arXiv:1903.06586,
+arXiv:1812.01187), squeeze-excitation (arXiv:1709.01507) and a CIFAR stem.
+
+All tensors are NHWC. Layers follow the global Keras dtype policy; the
+pooled features (`final_avg_pool`) are float32.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+# SPEC.md §3 / reference `BATCH_NORM_EPSILON`.
+BATCH_NORM_EPSILON = 1e-5
+# Smallest width of the selective-kernel mixing layer (reference `min_dim`).
+SK_MIN_DIM = 32
+
+# depth -> (block type, blocks per group), reference `resnet()`.
+BLOCKS = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+    200: ("bottleneck", (3, 24, 36, 3)),
+}
+ENDPOINTS = (
+    "initial_conv",
+    "initial_max_pool",
+    "block_group1",
+    "block_group2",
+    "block_group3",
+    "block_group4",
+    "final_avg_pool",
+)
+
+_register = keras.saving.register_keras_serializable(package="simclr_tf")
+
+
+def conv_initializer() -> keras.initializers.Initializer:
+    """He-style init of every conv kernel (reference `VarianceScaling()`)."""
+    return keras.initializers.VarianceScaling(
+        scale=1.0, mode="fan_in", distribution="truncated_normal"
+    )
+
+
+def batch_norm(
+    batch_norm_decay: float,
+    global_bn: bool,
+    zero_gamma: bool = False,
+    center: bool = True,
+    name: str | None = None,
+) -> keras.layers.BatchNormalization:
+    """A BN layer with the reference's settings (SPEC.md §3).
+
+    Args:
+      batch_norm_decay: momentum of the moving statistics.
+      global_bn: synchronise the batch statistics across replicas.
+      zero_gamma: start with gamma = 0 (the last BN of a residual block).
+      center: learn a beta offset.
+      name: layer name.
+
+    Returns:
+      A `keras.layers.BatchNormalization` over the last axis.
+    """
+    return keras.layers.BatchNormalization(
+        momentum=batch_norm_decay,
+        epsilon=BATCH_NORM_EPSILON,
+        center=center,
+        gamma_initializer="zeros" if zero_gamma else "ones",
+        synchronized=global_bn,
+        name=name,
+    )
+
+
+def _channels(shape, channels: int) -> tuple:
+    return (*tuple(shape)[:-1], channels)
+
+
+@_register
+class Conv2DFixedPadding(keras.layers.Conv2D):
+    """Bias-free conv; strided ones pad explicitly, then use VALID.
+
+    With stride 1 this is a SAME conv. With stride s > 1 the input is padded
+    by `k - 1` in total, `(k - 1) // 2` before (reference `FixedPadding`),
+    so the result does not depend on the parity of the input size.
+
+    Args:
+      filters: output channels.
+      kernel_size: square kernel size k.
+      strides: stride s.
+      **kwargs: passed to `keras.layers.Conv2D` (`padding` is derived).
+    """
+
+    def __init__(self, filters: int, kernel_size, strides=1, **kwargs):
+        kwargs.pop("padding", None)
+        kwargs.setdefault("use_bias", False)
+        kwargs.setdefault("kernel_initializer", conv_initializer())
+        stride = strides if isinstance(strides, int) else strides[0]
+        super().__init__(
+            filters=filters,
+            kernel_size=kernel_size,
+            strides=strides,
+            padding="same" if stride == 1 else "valid",
+            **kwargs,
+        )
+        pad_total = self.kernel_size[0] - 1 if stride > 1 else 0
+        self._pads = (pad_total // 2, pad_total - pad_total // 2)
+
+    def call(self, inputs):
+        if self._pads[1]:
+            inputs = tf.pad(inputs, [[0, 0], self._pads, self._pads, [0, 0]])
+        return super().call(inputs)
+
+    def compute_output_shape(self, input_shape):
+        padded = list(input_shape)
+        for axis in (1, 2):
+            if padded[axis] is not None:
+                padded[axis] += sum(self._pads)
+        return super().compute_output_shape(tuple(padded))
+
+
+@_register
+class SelectiveKernelConv(keras.layers.Layer):
+    """Selective-kernel 3x3 conv with its BN-ReLU (reference `SK_Conv2D`).
+
+    One 3x3 conv makes two branches of `filters` channels; their sum is
+    pooled globally and mapped (1x1 conv to max(filters * sk_ratio, 32),
+    BN-ReLU, 1x1 conv to 2 * filters) to per-channel mixing weights,
+    softmax-normalised over the two branches.
+
+    Args:
+      filters: output channels.
+      strides: stride of the 3x3 conv.
+      sk_ratio: width of the mixing layer relative to `filters`.
+      batch_norm_decay: BN momentum.
+      global_bn: synchronised BN.
+      **kwargs: base layer arguments (`name`, `dtype`, ...).
+    """
+
+    def __init__(
+        self,
+        filters: int,
+        strides: int,
+        sk_ratio: float,
+        batch_norm_decay: float = 0.9,
+        global_bn: bool = True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.strides = strides
+        self.sk_ratio = sk_ratio
+        self.batch_norm_decay = batch_norm_decay
+        self.global_bn = global_bn
+        self.conv = Conv2DFixedPadding(2 * filters, 3, strides, name="conv")
+        self.bn = batch_norm(batch_norm_decay, global_bn, name="bn")
+        mid_dim = max(int(filters * sk_ratio), SK_MIN_DIM)
+        self.mix_conv0 = keras.layers.Conv2D(
+            mid_dim,
+            1,
+            use_bias=False,
+            kernel_initializer=conv_initializer(),
+            name="mix_conv0",
+        )
+        self.mix_bn = batch_norm(batch_norm_decay, global_bn, name="mix_bn")
+        self.mix_conv1 = keras.layers.Conv2D(
+            2 * filters,
+            1,
+            use_bias=False,
+            kernel_initializer=conv_initializer(),
+            name="mix_conv1",
+        )
+
+    def build(self, input_shape):
+        self.conv.build(input_shape)
+        self.bn.build(_channels(input_shape, 2 * self.filters))
+        pooled = (input_shape[0], 1, 1, self.filters)
+        self.mix_conv0.build(pooled)
+        self.mix_bn.build(_channels(pooled, self.mix_conv0.filters))
+        self.mix_conv1.build(_channels(pooled, self.mix_conv0.filters))
+
+    def call(self, inputs, training=None):
+        x = tf.nn.relu(self.bn(self.conv(inputs), training=training))
+        a, b = tf.split(x, 2, axis=-1)  # 2 x (N, H, W, filters)
+        pooled = tf.reduce_mean(a + b, axis=[1, 2], keepdims=True)
+        mix = tf.nn.relu(self.mix_bn(self.mix_conv0(pooled), training=training))
+        m_a, m_b = tf.split(self.mix_conv1(mix), 2, axis=-1)  # (N,1,1,f)
+        # softmax over the 2 branches == [sigmoid(m_a - m_b), its complement].
+        w_a = tf.sigmoid(m_a - m_b)
+        return b + (a - b) * w_a
+
+    def compute_output_shape(self, input_shape):
+        shape = self.conv.compute_output_shape(input_shape)
+        return _channels(shape, self.filters)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "strides": self.strides,
+            "sk_ratio": self.sk_ratio,
+            "batch_norm_decay": self.batch_norm_decay,
+            "global_bn": self.global_bn,
+        }
+
+
+@_register
+class SqueezeExcitation(keras.layers.Layer):
+    """Channel gating x * sigmoid(W2 relu(W1 mean_hw(x))) (reference SE).
+
+    Args:
+      filters: channels of the input and output.
+      reduced_filters: width of the bottleneck W1 (reference:
+        max(1, int(block_filters * se_ratio))).
+      **kwargs: base layer arguments.
+    """
+
+    def __init__(self, filters: int, reduced_filters: int, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.reduced_filters = reduced_filters
+        self.reduce = keras.layers.Conv2D(
+            reduced_filters,
+            1,
+            kernel_initializer=conv_initializer(),
+            name="reduce",
+        )
+        self.expand = keras.layers.Conv2D(
+            filters, 1, kernel_initializer=conv_initializer(), name="expand"
+        )
+
+    def build(self, input_shape):
+        pooled = (input_shape[0], 1, 1, input_shape[-1])
+        self.reduce.build(pooled)
+        self.expand.build(_channels(pooled, self.reduced_filters))
+
+    def call(self, inputs):
+        se = tf.reduce_mean(inputs, axis=[1, 2], keepdims=True)
+        se = self.expand(tf.nn.relu(self.reduce(se)))
+        return tf.sigmoid(se) * inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "reduced_filters": self.reduced_filters,
+        }
+
+
+class _Block(keras.layers.Layer):
+    """What basic and bottleneck blocks share: shortcut, SE, config.
+
+    Args:
+      filters: width of the block (output = filters * expansion).
+      strides: spatial stride of the block.
+      use_projection: use a 1x1 conv + BN shortcut (first block of a group).
+      sk_ratio: > 0 turns on ResNet-D shortcuts (and, in bottlenecks,
+        selective kernels).
+      se_ratio: > 0 adds squeeze-excitation after the last BN.
+      batch_norm_decay: BN momentum.
+      global_bn: synchronised BN.
+      **kwargs: base layer arguments.
+    """
+
+    expansion = 1
+
+    def __init__(
+        self,
+        filters: int,
+        strides: int = 1,
+        use_projection: bool = False,
+        sk_ratio: float = 0.0,
+        se_ratio: float = 0.0,
+        batch_norm_decay: float = 0.9,
+        global_bn: bool = True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.strides = strides
+        self.use_projection = use_projection
+        self.sk_ratio = sk_ratio
+        self.se_ratio = se_ratio
+        self.batch_norm_decay = batch_norm_decay
+        self.global_bn = global_bn
+        self.out_filters = filters * self.expansion
+        self.shortcut_pool = None
+        self.shortcut_conv = None
+        self.shortcut_bn = None
+        if use_projection:
+            if sk_ratio > 0:
+                # ResNet-D: average-pool with the stride, then a 1x1 conv.
+                self.shortcut_pool = keras.layers.AveragePooling2D(
+                    2, strides, padding="same" if strides == 1 else "valid"
+                )
+                self.shortcut_conv = Conv2DFixedPadding(
+                    self.out_filters, 1, 1, name="shortcut_conv"
+                )
+            else:
+                self.shortcut_conv = Conv2DFixedPadding(
+                    self.out_filters, 1, strides, name="shortcut_conv"
+                )
+            self.shortcut_bn = self._bn(name="shortcut_bn")
+        self.se = None
+        if se_ratio > 0:
+            self.se = SqueezeExcitation(
+                self.out_filters, max(1, int(filters * se_ratio)), name="se"
+            )
+
+    def _bn(self, zero_gamma: bool = False, name: str | None = None):
+        return batch_norm(
+            self.batch_norm_decay, self.global_bn, zero_gamma, name=name
+        )
+
+    def _build_shortcut_and_se(self, input_shape) -> None:
+        if self.shortcut_conv is not None:
+            self.shortcut_conv.build(input_shape)
+            self.shortcut_bn.build((None, None, None, self.out_filters))
+        if self.se is not None:
+            self.se.build((None, None, None, self.out_filters))
+
+    def _shortcut(self, inputs, training):
+        if self.shortcut_conv is None:
+            return inputs
+        x = inputs
+        if self.shortcut_pool is not None:
+            if self.strides > 1:
+                # Reference: FixedPadding(2) = pad 0 before, 1 after.
+                x = tf.pad(x, [[0, 0], [0, 1], [0, 1], [0, 0]])
+            x = self.shortcut_pool(x)
+        return self.shortcut_bn(self.shortcut_conv(x), training=training)
+
+    def _merge(self, residual, inputs, training):
+        if self.se is not None:
+            residual = self.se(residual)
+        return tf.nn.relu(residual + self._shortcut(inputs, training))
+
+    def compute_output_shape(self, input_shape):
+        spatial = list(input_shape[1:3])
+        for i, size in enumerate(spatial):
+            if size is not None:
+                spatial[i] = -(-size // self.strides)
+        return (input_shape[0], *spatial, self.out_filters)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "strides": self.strides,
+            "use_projection": self.use_projection,
+            "sk_ratio": self.sk_ratio,
+            "se_ratio": self.se_ratio,
+            "batch_norm_decay": self.batch_norm_decay,
+            "global_bn": self.global_bn,
+        }
+
+
+@_register
+class BasicBlock(_Block):
+    """Two 3x3 convs (ResNet-18/34), reference `ResidualBlock`.
+
+    Selective kernels do not apply here; `sk_ratio > 0` only switches the
+    projection shortcut to ResNet-D. Arguments as in `_Block`.
+    """
+
+    expansion = 1
+
+    def __init__(self, filters: int, strides: int = 1, **kwargs):
+        super().__init__(filters, strides, **kwargs)
+        self.conv1 = Conv2DFixedPadding(filters, 3, strides, name="conv1")
+        self.bn1 = self._bn(name="bn1")
+        self.conv2 = Conv2DFixedPadding(filters, 3, 1, name="conv2")
+        self.bn2 = self._bn(zero_gamma=True, name="bn2")
+
+    def build(self, input_shape):
+        width = (None, None, None, self.filters)
+        self.conv1.build(input_shape)
+        self.bn1.build(width)
+        self.conv2.build(width)
+        self.bn2.build(width)
+        self._build_shortcut_and_se(input_shape)
+
+    def call(self, inputs, training=None):
+        x = tf.nn.relu(self.bn1(self.conv1(inputs), training=training))
+        x = self.bn2(self.conv2(x), training=training)
+        return self._merge(x, inputs, training)
+
+
+@_register
+class BottleneckBlock(_Block):
+    """1x1 -> 3x3 (strided; SK when sk_ratio > 0) -> 1x1 (x4 channels).
+
+    Reference `BottleneckBlock` (without DropBlock, which SimCLR never
+    enables). Arguments as in `_Block`.
+    """
+
+    expansion = 4
+
+    def __init__(self, filters: int, strides: int = 1, **kwargs):
+        super().__init__(filters, strides, **kwargs)
+        self.conv1 = Conv2DFixedPadding(filters, 1, 1, name="conv1")
+        self.bn1 = self._bn(name="bn1")
+        if self.sk_ratio > 0:
+            self.sk_conv = SelectiveKernelConv(
+                filters,
+                strides,
+                self.sk_ratio,
+                self.batch_norm_decay,
+                self.global_bn,
+                name="sk_conv",
+            )
+            self.conv2 = self.bn2 = None
+        else:
+            self.sk_conv = None
+            self.conv2 = Conv2DFixedPadding(filters, 3, strides, name="conv2")
+            self.bn2 = self._bn(name="bn2")
+        self.conv3 = Conv2DFixedPadding(self.out_filters, 1, 1, name="conv3")
+        self.bn3 = self._bn(zero_gamma=True, name="bn3")
+
+    def build(self, input_shape):
+        width = (None, None, None, self.filters)
+        self.conv1.build(input_shape)
+        self.bn1.build(width)
+        if self.sk_conv is not None:
+            self.sk_conv.build(width)
+        else:
+            self.conv2.build(width)
+            self.bn2.build(width)
+        self.conv3.build(width)
+        self.bn3.build((None, None, None, self.out_filters))
+        self._build_shortcut_and_se(input_shape)
+
+    def call(self, inputs, training=None):
+        x = tf.nn.relu(self.bn1(self.conv1(inputs), training=training))
+        if self.sk_conv is not None:
+            x = self.sk_conv(x, training=training)
+        else:
+            x = tf.nn.relu(self.bn2(self.conv2(x), training=training))
+        x = self.bn3(self.conv3(x), training=training)
+        return self._merge(x, inputs, training)
+
+
+_BLOCK_TYPES = {"basic": BasicBlock, "bottleneck": BottleneckBlock}
+
+
+@_register
+class BlockGroup(keras.layers.Layer):
+    """`num_blocks` blocks; the first has the stride and a projection.
+
+    Args:
+      filters: block width.
+      block_type: "basic" or "bottleneck".
+      num_blocks: number of blocks.
+      strides: stride of the first block.
+      **kwargs: `sk_ratio`, `se_ratio`, `batch_norm_decay`, `global_bn` for
+        the blocks; the rest goes to the base layer.
+    """
+
+    def __init__(
+        self,
+        filters: int,
+        block_type: str,
+        num_blocks: int,
+        strides: int,
+        sk_ratio: float = 0.0,
+        se_ratio: float = 0.0,
+        batch_norm_decay: float = 0.9,
+        global_bn: bool = True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if block_type not in _BLOCK_TYPES:
+            raise ValueError(
+                f"Received: block_type={block_type!r}. Use one of "
+                f"{', '.join(_BLOCK_TYPES)}."
+            )
+        self.filters = filters
+        self.block_type = block_type
+        self.num_blocks = num_blocks
+        self.strides = strides
+        self.block_kwargs = dict(
+            sk_ratio=sk_ratio,
+            se_ratio=se_ratio,
+            batch_norm_decay=batch_norm_decay,
+            global_bn=global_bn,
+        )
+        block_cls = _BLOCK_TYPES[block_type]
+        self.blocks = [
+            block_cls(
+                filters,
+                strides if i == 0 else 1,
+                use_projection=i == 0,
+                name=f"block{i + 1}",
+                **self.block_kwargs,
+            )
+            for i in range(num_blocks)
+        ]
+        self.out_filters = self.blocks[0].out_filters
+
+    def build(self, input_shape):
+        for block in self.blocks:
+            block.build(input_shape)
+            input_shape = (None, None, None, block.out_filters)
+
+    def call(self, inputs, training=None):
+        x = inputs
+        for block in self.blocks:
+            x = block(x, training=training)
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return self.blocks[0].compute_output_shape(input_shape)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "block_type": self.block_type,
+            "num_blocks": self.num_blocks,
+            "strides": self.strides,
+            **self.block_kwargs,
+        }
+
+
+@_register
+class Stem(keras.layers.Layer):
+    """The input layers before block group 1 (SPEC.md §3).
+
+    CIFAR stem: 3x3 stride-1 conv (64m), BN-ReLU, no pooling. Otherwise a
+    7x7 stride-2 conv (64m) -- or, with `sk_ratio > 0`, the ResNet-D stem of
+    three 3x3 convs (32m stride 2, 32m, 64m, BN-ReLU between) -- then
+    BN-ReLU and a 3x3 stride-2 SAME max-pool.
+
+    Args:
+      width_multiplier: m.
+      cifar_stem: use the CIFAR stem (images <= 32 pixels).
+      sk_ratio: > 0 selects the ResNet-D stem (ignored by the CIFAR stem).
+      batch_norm_decay: BN momentum.
+      global_bn: synchronised BN.
+      **kwargs: base layer arguments.
+    """
+
+    def __init__(
+        self,
+        width_multiplier: int = 1,
+        cifar_stem: bool = False,
+        sk_ratio: float = 0.0,
+        batch_norm_decay: float = 0.9,
+        global_bn: bool = True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.width_multiplier = width_multiplier
+        self.cifar_stem = cifar_stem
+        self.sk_ratio = sk_ratio
+        self.batch_norm_decay = batch_norm_decay
+        self.global_bn = global_bn
+        m = width_multiplier
+        if cifar_stem:
+            specs = [(64 * m, 3, 1)]
+        elif sk_ratio > 0:
+            specs = [(32 * m, 3, 2), (32 * m, 3, 1), (64 * m, 3, 1)]
+        else:
+            specs = [(64 * m, 7, 2)]
+        self.convs = [
+            Conv2DFixedPadding(f, k, s, name=f"conv{i}")
+            for i, (f, k, s) in enumerate(specs)
+        ]
+        # One BN after every conv; the last one ends the stem.
+        self.bns = [
+            batch_norm(batch_norm_decay, global_bn, name=f"bn{i}")
+            for i in range(len(specs))
+        ]
+        self.max_pool = None
+        if not cifar_stem:
+            self.max_pool = keras.layers.MaxPooling2D(3, 2, padding="same")
+        self.out_filters = 64 * m
+
+    def build(self, input_shape):
+        for conv, bn in zip(self.convs, self.bns, strict=True):
+            conv.build(input_shape)
+            input_shape = (None, None, None, conv.filters)
+            bn.build(input_shape)
+
+    def call(self, inputs, training=None) -> dict[str, tf.Tensor]:
+        x = inputs
+        for conv, bn in zip(self.convs[:-1], self.bns[:-1], strict=False):
+            x = tf.nn.relu(bn(conv(x), training=training))
+        initial_conv = self.convs[-1](x)
+        x = tf.nn.relu(self.bns[-1](initial_conv, training=training))
+        if self.max_pool is not None:
+            x = self.max_pool(x)
+        return {"initial_conv": initial_conv, "initial_max_pool": x}
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "width_multiplier": self.width_multiplier,
+            "cifar_stem": self.cifar_stem,
+            "sk_ratio": self.sk_ratio,
+            "batch_norm_decay": self.batch_norm_decay,
+            "global_bn": self.global_bn,
+        }
+
+
+@_register
+class ResNet(keras.layers.Layer):
+    """The SimCLR encoder: stem, 4 block groups, global average pool.
+
+    `call(images, training)` takes (N, H, W, 3) images and returns a dict of
+    the endpoints `ENDPOINTS`; `final_avg_pool` is (N, `output_dim`) in
+    float32, the others are NHWC in the compute dtype.
+
+    Freezing (`fine_tune_after_block = k >= 0`, fine-tuning only): the stem
+    and block groups 1..k get `trainable = False`, so they are left out of
+    `trainable_variables` and their BNs run in inference mode (keeping their
+    moving statistics), and a stop-gradient after part k keeps the backward
+    pass out of them. k = 4 freezes the whole encoder (linear evaluation).
+
+    Args:
+      depth: 18, 34, 50, 101, 152 or 200.
+      width_multiplier: m; block widths are 64m, 128m, 256m, 512m.
+      cifar_stem: use the 3x3 stride-1 stem without max-pool.
+      sk_ratio: > 0 turns on selective kernels and ResNet-D (SimCLRv2).
+      se_ratio: > 0 turns on squeeze-excitation.
+      batch_norm_decay: BN momentum.
+      global_bn: synchronise BN statistics across replicas.
+      fine_tune_after_block: -1 (train all) or k in 0..4 (freeze up to k).
+      **kwargs: base layer arguments (`name`, `dtype`, ...).
+
+    Raises:
+      ValueError: an unknown depth or `fine_tune_after_block`.
+    """
+
+    def __init__(
+        self,
+        depth: int = 50,
+        width_multiplier: int = 1,
+        cifar_stem: bool = False,
+        sk_ratio: float = 0.0,
+        se_ratio: float = 0.0,
+        batch_norm_decay: float = 0.9,
+        global_bn: bool = True,
+        fine_tune_after_block: int = -1,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if depth not in BLOCKS:
+            raise ValueError(
+                f"Received: depth={depth}. Use one of "
+                f"{', '.join(map(str, BLOCKS))}."
+            )
+        if not -1 <= fine_tune_after_block <= 4:
+            raise ValueError(
+                f"Received: fine_tune_after_block={fine_tune_after_block}. "
+                "Use -1 (train everything) to 4 (freeze the whole encoder)."
+            )
+        self.depth = depth
+        self.width_multiplier = width_multiplier
+        self.cifar_stem = cifar_stem
+        self.sk_ratio = sk_ratio
+        self.se_ratio = se_ratio
+        self.batch_norm_decay = batch_norm_decay
+        self.global_bn = global_bn
+        self.fine_tune_after_block = fine_tune_after_block
+        bn_kwargs = dict(batch_norm_decay=batch_norm_decay, global_bn=global_bn)
+        self.stem = Stem(
+            width_multiplier, cifar_stem, sk_ratio, name="stem", **bn_kwargs
+        )
+        block_type, num_blocks = BLOCKS[depth]
+        self.block_groups = [
+            BlockGroup(
+                64 * width_multiplier * 2**i,
+                block_type,
+                num_blocks[i],
+                strides=1 if i == 0 else 2,
+                sk_ratio=sk_ratio,
+                se_ratio=se_ratio,
+                name=f"block_group{i + 1}",
+                **bn_kwargs,
+            )
+            for i in range(4)
+        ]
+        for part in self.parts[: fine_tune_after_block + 1]:
+            part.trainable = False
+        self.output_dim = self.block_groups[-1].out_filters
+
+    @property
+    def parts(self) -> list[keras.layers.Layer]:
+        """[stem, block_group1, ..., block_group4]: part k is frozen by k."""
+        return [self.stem, *self.block_groups]
+
+    def build(self, input_shape):
+        self.stem.build(input_shape)
+        shape = (None, None, None, self.stem.out_filters)
+        for group in self.block_groups:
+            group.build(shape)
+            shape = (None, None, None, group.out_filters)
+
+    def call(self, inputs, training=None) -> dict[str, tf.Tensor]:
+        endpoints = self.stem(inputs, training=training)
+        x = endpoints["initial_max_pool"]
+        if self.fine_tune_after_block == 0:
+            x = tf.stop_gradient(x)
+        for i, group in enumerate(self.block_groups, start=1):
+            x = group(x, training=training)
+            if self.fine_tune_after_block == i:
+                x = tf.stop_gradient(x)
+            endpoints[f"block_group{i}"] = x
+        # Pool in float32: it is the representation handed to the heads.
+        endpoints["final_avg_pool"] = tf.reduce_mean(
+            tf.cast(x, tf.float32), axis=[1, 2]
+        )  # (N, output_dim)
+        return endpoints
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "depth": self.depth,
+            "width_multiplier": self.width_multiplier,
+            "cifar_stem": self.cifar_stem,
+            "sk_ratio": self.sk_ratio,
+            "se_ratio": self.se_ratio,
+            "batch_norm_decay": self.batch_norm_decay,
+            "global_bn": self.global_bn,
+            "fine_tune_after_block": self.fine_tune_after_block,
+        }

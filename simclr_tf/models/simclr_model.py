@@ -1,0 +1,142 @@
+"""The SimCLR network: an encoder and heads composed into one keras.Model."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from simclr_tf.models import heads as heads_lib
+from simclr_tf.models import resnet as resnet_lib
+
+IMAGE_CHANNELS = 3
+
+
+@keras.saving.register_keras_serializable(package="simclr_tf")
+class SimCLRModel(keras.Model):
+    """Encoder + projection head (+ supervised head), parts injected.
+
+    `call(images, training)` takes (B, H, W, 3 * v) images in [0, 1] that
+    hold v views side by side on the channel axis (v = `num_views` in
+    pretraining, 1 for single-view eval or fine-tuning input), and runs the
+    views as one view-major batch of v * B rows (rows [0:B] are view 1). It
+    returns a dict of float32 tensors:
+
+    - `proj_head_output`: (v * B, proj_out_dim), the last projection layer
+      (the encoder output for the `none` head);
+    - `proj_head_input`: (v * B, feature_dim), = `final_avg_pool`;
+    - `logits_sup`: (v * B, num_classes), only with a supervised head; it
+      reads the projection-head layer `ft_proj_selector` (0 = encoder
+      output, -1 = last), behind a stop-gradient when
+      `stop_gradient_supervised` (linear eval during pretraining);
+    - the encoder endpoints `initial_conv`, `initial_max_pool`,
+      `block_group1` ... `block_group4`, `final_avg_pool`.
+
+    Args:
+      encoder: the `ResNet` (returns a dict with `final_avg_pool`).
+      projection_head: the `ProjectionHead`.
+      supervised_head: the `SupervisedHead`, or None.
+      ft_proj_selector: index into the projection head's hidden list.
+      num_views: views per example in the training input.
+      stop_gradient_supervised: stop the supervised loss's gradient at the
+        head's input (pretraining with `lineareval_while_pretraining`).
+      **kwargs: base `keras.Model` arguments (`name`, ...).
+
+    Raises:
+      ValueError: `ft_proj_selector` outside the projection head's layers.
+    """
+
+    def __init__(
+        self,
+        encoder: resnet_lib.ResNet,
+        projection_head: heads_lib.ProjectionHead,
+        supervised_head: heads_lib.SupervisedHead | None = None,
+        ft_proj_selector: int = 0,
+        num_views: int = 1,
+        stop_gradient_supervised: bool = False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        num_hiddens = len(projection_head.linear_layers) + 1
+        if not -num_hiddens <= ft_proj_selector < num_hiddens:
+            raise ValueError(
+                f"Received: ft_proj_selector={ft_proj_selector}, but the "
+                f"{projection_head.mode} projection head has "
+                f"{num_hiddens - 1} layers. Use a value in "
+                f"[{-num_hiddens}, {num_hiddens - 1}]."
+            )
+        self.encoder = encoder
+        self.projection_head = projection_head
+        self.supervised_head = supervised_head
+        self.ft_proj_selector = ft_proj_selector
+        self.num_views = num_views
+        self.stop_gradient_supervised = stop_gradient_supervised
+
+    @property
+    def supervised_head_kernels(self) -> list[keras.Variable]:
+        """Kernels of the supervised head ([] without one)."""
+        if self.supervised_head is None:
+            return []
+        return self.supervised_head.kernels
+
+    def build(self, input_shape):
+        self.encoder.build((None, None, None, IMAGE_CHANNELS))
+        dims = self.projection_head.hidden_dims(self.encoder.output_dim)
+        self.projection_head.build((None, dims[0]))
+        if self.supervised_head is not None:
+            self.supervised_head.build((None, dims[self.ft_proj_selector]))
+
+    def call(self, images, training=None) -> dict[str, tf.Tensor]:
+        channels = images.shape[-1]
+        if channels is None or channels % IMAGE_CHANNELS:
+            raise ValueError(
+                f"Received: images of shape {images.shape}. The model takes "
+                "(B, H, W, 3 * views) images with the views side by side "
+                "on the channel axis."
+            )
+        views = channels // IMAGE_CHANNELS
+        if views > 1:
+            # (B, H, W, 3v) -> (v * B, H, W, 3), view-major.
+            images = tf.concat(tf.split(images, views, axis=-1), axis=0)
+        outputs = dict(self.encoder(images, training=training))
+        features = outputs["final_avg_pool"]  # (v * B, feature_dim)
+        hiddens = self.projection_head(features, training=training)
+        # hiddens[0] went through the head's autocast to the compute dtype;
+        # the encoder output itself is the exact element 0.
+        hiddens = [features, *hiddens[1:]]
+        outputs["proj_head_input"] = features
+        outputs["proj_head_output"] = hiddens[-1]
+        if self.supervised_head is not None:
+            selected = hiddens[self.ft_proj_selector]
+            if self.stop_gradient_supervised:
+                selected = tf.stop_gradient(selected)
+            outputs["logits_sup"] = self.supervised_head(selected)
+        return {k: tf.cast(v, tf.float32) for k, v in outputs.items()}
+
+    def get_config(self):
+        config = {
+            "name": self.name,
+            "trainable": self.trainable,
+            "encoder": keras.saving.serialize_keras_object(self.encoder),
+            "projection_head": keras.saving.serialize_keras_object(
+                self.projection_head
+            ),
+            "supervised_head": (
+                None
+                if self.supervised_head is None
+                else keras.saving.serialize_keras_object(self.supervised_head)
+            ),
+            "ft_proj_selector": self.ft_proj_selector,
+            "num_views": self.num_views,
+            "stop_gradient_supervised": self.stop_gradient_supervised,
+        }
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        for key in ("encoder", "projection_head", "supervised_head"):
+            if config.get(key) is not None:
+                config[key] = keras.saving.deserialize_keras_object(
+                    config[key], custom_objects=custom_objects
+                )
+        return cls(**config)
