@@ -1,0 +1,1 @@
+"""Training: the replica step, host loop, checkpoints and gradient caching."""
