@@ -234,3 +234,69 @@ def test_rejects_bad_chunk_size_and_dynamic_batch():
 
     with pytest.raises(ValueError, match="static batch size"):
         dynamic(images)
+
+
+def test_output_keys_select_what_the_loss_reads():
+    model = _model(use_bn=False)
+    images, labels = _data(5)
+    _, _, want_grads = _plain(model, images, labels, True)
+    (_, _), grads = grad_cache.grad_cache_gradients(
+        model,
+        images,
+        _loss_fn(model, labels),
+        chunk_size=2,
+        output_keys=("proj", "logits"),
+    )
+    _assert_grads_close(grads, want_grads)
+    with pytest.raises(ValueError, match="no output"):
+        grad_cache.grad_cache_gradients(
+            model,
+            images,
+            _loss_fn(model, labels),
+            chunk_size=2,
+            output_keys=("projection",),
+        )
+
+
+def test_resnet18_simclr_model_equals_plain():
+    from simclr_tf import config as config_lib
+    from simclr_tf.models import factory
+
+    config = config_lib.from_flat(
+        dict(resnet_depth=18, image_size=8, proj_out_dim=16)
+    )
+    keras.utils.set_random_seed(0)
+    model = factory.build_model(config, num_classes=NUM_CLASSES)
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.uniform(size=(5, 8, 8, 6)).astype(np.float32))
+    labels = tf.constant(np.eye(NUM_CLASSES, dtype=np.float32)[[0, 1, 2, 0, 1]])
+
+    def loss_fn(outputs):
+        con, _, _ = losses.nt_xent_loss(
+            outputs["proj_head_output"], temperature=0.5
+        )
+        sup = losses.supervised_loss(
+            tf.concat([labels, labels], 0), outputs["logits_sup"]
+        )
+        return con + sup
+
+    # BN in inference mode, where chunking cannot change the result.
+    with tf.GradientTape() as tape:
+        want = loss_fn(model(images, training=False))
+    want_grads = tape.gradient(want, model.trainable_variables)
+    loss, grads = grad_cache.grad_cache_gradients(
+        model,
+        images,
+        loss_fn,
+        chunk_size=2,
+        training=False,
+        output_keys=("proj_head_output", "logits_sup"),
+    )
+    np.testing.assert_allclose(loss.numpy(), want.numpy(), rtol=1e-5)
+    for g, w in zip(grads, want_grads, strict=True):
+        assert (g is None) == (w is None)
+        if w is not None:
+            scale = np.abs(w.numpy()).max() + 1e-12
+            np.testing.assert_allclose(
+                g.numpy() / scale, w.numpy() / scale, atol=1e-4
+            )

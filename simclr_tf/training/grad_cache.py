@@ -94,19 +94,34 @@ def _loss_of(result: Any) -> tf.Tensor:
     return result[0] if isinstance(result, tuple | list) else result
 
 
-def _plain_gradients(model, images, loss_fn, variables, loss_scale, training):
+def _plain_gradients(
+    model, images, loss_fn, variables, loss_scale, training, output_keys
+):
     with tf.GradientTape() as tape:
-        result = loss_fn(model(images, training=training))
+        outputs = _select(model(images, training=training), output_keys)
+        result = loss_fn(outputs)
         scaled = _loss_of(result) * loss_scale
     return result, tape.gradient(scaled, variables)
 
 
-def _forward_chunks(model, images, sizes, training):
+def _select(outputs: Any, output_keys: Sequence[str] | None) -> Any:
+    if output_keys is None:
+        return outputs
+    missing = [k for k in output_keys if k not in outputs]
+    if missing:
+        raise ValueError(
+            f"Received: output_keys={list(output_keys)}, but the model has "
+            f"no output {missing}; it returns {sorted(outputs)}."
+        )
+    return {k: outputs[k] for k in output_keys}
+
+
+def _forward_chunks(model, images, sizes, training, output_keys):
     """Pass 1: the outputs of every chunk, without recording a tape."""
     outputs, offset, prev = [], 0, []
     for size in sizes:
         chunk = _after(prev, images[offset : offset + size])
-        out = model(chunk, training=training)
+        out = _select(model(chunk, training=training), output_keys)
         outputs.append(out)
         prev = keras.tree.flatten(out)
         offset += size
@@ -134,6 +149,57 @@ def _accumulate(total: list, new: list) -> list:
     return out
 
 
+def _cached_outputs(model, images, sizes, training, output_keys):
+    """Pass 1: full-batch outputs (flat, view-major) and rows per image."""
+    chunk_outputs = _forward_chunks(model, images, sizes, training, output_keys)
+    structure = chunk_outputs[0]
+    # per_leaf[j] = (leaf j of chunk 0, leaf j of chunk 1, ...)
+    per_leaf = list(
+        zip(*(keras.tree.flatten(o) for o in chunk_outputs), strict=True)
+    )
+    paths = [
+        "/".join(map(str, path))
+        for path, _ in keras.tree.flatten_with_path(structure)
+    ]
+    ks = [
+        _rows_per_image(list(leaf), sizes, path)
+        for leaf, path in zip(per_leaf, paths, strict=True)
+    ]
+    full_flat = [
+        _assemble(list(leaf), sizes, k)
+        for leaf, k in zip(per_leaf, ks, strict=True)
+    ]
+    return structure, full_flat, ks
+
+
+def _backprop_chunks(
+    model, images, sizes, training, output_keys, output_grads, ks, variables
+):
+    """Pass 3: re-forward each chunk and back-propagate its cached grads.
+
+    Returns the sum over chunks of the gradients w.r.t. `variables`.
+    """
+    used = [i for i, g in enumerate(output_grads) if g is not None]
+    grads = [None] * len(variables)
+    offset, prev = 0, list(output_grads)
+    for size in sizes:
+        chunk = _after(prev, images[offset : offset + size])
+        with tf.GradientTape() as tape:
+            out = _select(model(chunk, training=training), output_keys)
+            flat = keras.tree.flatten(out)
+        chunk_grads = tape.gradient(
+            [flat[i] for i in used],
+            variables,
+            output_gradients=[
+                _chunk_of(output_grads[i], offset, size, ks[i]) for i in used
+            ],
+        )
+        grads = _accumulate(grads, chunk_grads)
+        prev = grads
+        offset += size
+    return grads
+
+
 def grad_cache_gradients(
     model: keras.Model,
     images: tf.Tensor,
@@ -143,6 +209,7 @@ def grad_cache_gradients(
     variables: Sequence | None = None,
     loss_scale: float | tf.Tensor = 1.0,
     training: bool = True,
+    output_keys: Sequence[str] | None = None,
 ) -> tuple[Any, list]:
     """Gradients of `loss_fn(model(images))` computed chunk by chunk.
 
@@ -164,14 +231,19 @@ def grad_cache_gradients(
       loss_scale: factor applied to the loss before differentiation (e.g.
         1 / num_replicas); the returned loss is unscaled.
       training: passed to the model.
+      output_keys: the model outputs (keys of its dict) that `loss_fn`
+        reads; only these are kept for the whole batch and passed to
+        `loss_fn`. None keeps every output, which for a ResNet with its
+        feature-map endpoints costs full-batch activation memory: pass
+        e.g. ("proj_head_output", "logits_sup").
 
     Returns:
       (loss_fn's result on the full batch, gradients aligned with
       `variables`, None where the loss does not depend on a variable).
 
     Raises:
-      ValueError: chunk_size <= 0, a dynamic batch size, or a model output
-        whose rows do not follow the images.
+      ValueError: chunk_size <= 0, a dynamic batch size, an unknown output
+        key, or a model output whose rows do not follow the images.
     """
     if chunk_size <= 0:
         raise ValueError(
@@ -189,53 +261,23 @@ def grad_cache_gradients(
         )
     if chunk_size >= batch:
         return _plain_gradients(
-            model, images, loss_fn, variables, loss_scale, training
+            model, images, loss_fn, variables, loss_scale, training, output_keys
         )
     sizes = _chunk_sizes(batch, chunk_size)
     state = _state_variables(model) if training else []
     saved = [tf.identity(v) for v in state]
-
-    chunk_outputs = _forward_chunks(model, images, sizes, training)
-    structure = chunk_outputs[0]
-    # per_leaf[j] = (leaf j of chunk 0, leaf j of chunk 1, ...)
-    per_leaf = list(
-        zip(*(keras.tree.flatten(o) for o in chunk_outputs), strict=True)
+    structure, full_flat, ks = _cached_outputs(
+        model, images, sizes, training, output_keys
     )
-    paths = [
-        "/".join(map(str, path))
-        for path, _ in keras.tree.flatten_with_path(structure)
-    ]
-    ks = [
-        _rows_per_image(list(leaf), sizes, path)
-        for leaf, path in zip(per_leaf, paths, strict=True)
-    ]
-    full_flat = [
-        _assemble(list(leaf), sizes, k)
-        for leaf, k in zip(per_leaf, ks, strict=True)
-    ]
     result, output_grads, grads = _loss_and_output_grads(
         loss_fn, full_flat, structure, variables, loss_scale
     )
-    used = [i for i, g in enumerate(output_grads) if g is not None]
-    if not used:
+    if all(g is None for g in output_grads):
         return result, grads
-
     # The second pass must leave the moving statistics as the first did.
     for v, value in zip(state, saved, strict=True):
         v.assign(value)
-    offset, prev = 0, list(output_grads)
-    for size in sizes:
-        chunk = _after(prev, images[offset : offset + size])
-        with tf.GradientTape() as tape:
-            flat = keras.tree.flatten(model(chunk, training=training))
-        chunk_grads = tape.gradient(
-            [flat[i] for i in used],
-            variables,
-            output_gradients=[
-                _chunk_of(output_grads[i], offset, size, ks[i]) for i in used
-            ],
-        )
-        grads = _accumulate(grads, chunk_grads)
-        prev = grads
-        offset += size
-    return result, grads
+    chunk_grads = _backprop_chunks(
+        model, images, sizes, training, output_keys, output_grads, ks, variables
+    )
+    return result, _accumulate(grads, chunk_grads)
