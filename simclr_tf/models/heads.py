@@ -10,6 +10,7 @@ import keras
 import tensorflow as tf
 
 from simclr_tf.models import resnet
+from simclr_tf.models.resnet import build_once
 
 PROJ_HEAD_MODES = ("none", "linear", "nonlinear")
 
@@ -71,9 +72,9 @@ class LinearLayer(keras.layers.Layer):
             kernel_initializer=dense_initializer(),
             name="dense",
         )
-        self.dense.build(input_shape)
+        build_once(self.dense, input_shape)
         if self.bn is not None:
-            self.bn.build((None, units))
+            build_once(self.bn, (None, units))
 
     def call(self, inputs, training=None):
         x = self.dense(inputs)
@@ -165,7 +166,12 @@ class ProjectionHead(keras.layers.Layer):
                     **bn_kwargs,
                 )
             )
-        self.linear_layers = layers
+        self._layer_names = resnet.set_layer_attributes(self, layers)
+
+    @property
+    def linear_layers(self) -> list[LinearLayer]:
+        """The head's layers, in order (empty for the `none` head)."""
+        return [getattr(self, name) for name in self._layer_names]
 
     def hidden_dims(self, input_dim: int) -> list[int]:
         """Widths of [h, h_1, ..., h_L] for an input of width `input_dim`."""
@@ -178,7 +184,7 @@ class ProjectionHead(keras.layers.Layer):
         for layer, dim in zip(
             self.linear_layers, self.hidden_dims(input_shape[-1]), strict=False
         ):
-            layer.build((None, dim))
+            build_once(layer, (None, dim))
 
     def call(self, inputs, training=None) -> list[tf.Tensor]:
         hiddens = [inputs]
@@ -233,7 +239,7 @@ class SupervisedHead(keras.layers.Layer):
         return [self.dense.kernel]
 
     def build(self, input_shape):
-        self.dense.build(input_shape)
+        build_once(self.dense, input_shape)
 
     def call(self, inputs):
         return self.dense(inputs)

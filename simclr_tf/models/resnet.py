@@ -79,6 +79,29 @@ def batch_norm(
     )
 
 
+def build_once(layer: keras.layers.Layer, input_shape) -> None:
+    """Builds `layer` unless it is built (e.g. deserialised with weights)."""
+    if not layer.built:
+        layer.build(input_shape)
+
+
+def set_layer_attributes(
+    owner: keras.layers.Layer, layers: list[keras.layers.Layer]
+) -> tuple[str, ...]:
+    """Sets each layer as an attribute of `owner` named by its layer name.
+
+    Lists of layers are invisible to `tf.train.Checkpoint` in Keras 3 (a
+    Keras `TrackedList` is not a TF trackable), so sublayers kept in a list
+    would be missing from checkpoints. Attributes are tracked by both.
+
+    Returns:
+      The attribute names, in order.
+    """
+    for layer in layers:
+        setattr(owner, layer.name, layer)
+    return tuple(layer.name for layer in layers)
+
+
 def _channels(shape, channels: int) -> tuple:
     return (*tuple(shape)[:-1], channels)
 
@@ -179,12 +202,12 @@ class SelectiveKernelConv(keras.layers.Layer):
         )
 
     def build(self, input_shape):
-        self.conv.build(input_shape)
-        self.bn.build(_channels(input_shape, 2 * self.filters))
+        build_once(self.conv, input_shape)
+        build_once(self.bn, _channels(input_shape, 2 * self.filters))
         pooled = (input_shape[0], 1, 1, self.filters)
-        self.mix_conv0.build(pooled)
-        self.mix_bn.build(_channels(pooled, self.mix_conv0.filters))
-        self.mix_conv1.build(_channels(pooled, self.mix_conv0.filters))
+        build_once(self.mix_conv0, pooled)
+        build_once(self.mix_bn, _channels(pooled, self.mix_conv0.filters))
+        build_once(self.mix_conv1, _channels(pooled, self.mix_conv0.filters))
 
     def call(self, inputs, training=None):
         x = tf.nn.relu(self.bn(self.conv(inputs), training=training))
@@ -238,8 +261,8 @@ class SqueezeExcitation(keras.layers.Layer):
 
     def build(self, input_shape):
         pooled = (input_shape[0], 1, 1, input_shape[-1])
-        self.reduce.build(pooled)
-        self.expand.build(_channels(pooled, self.reduced_filters))
+        build_once(self.reduce, pooled)
+        build_once(self.expand, _channels(pooled, self.reduced_filters))
 
     def call(self, inputs):
         se = tf.reduce_mean(inputs, axis=[1, 2], keepdims=True)
@@ -324,10 +347,10 @@ class _Block(keras.layers.Layer):
 
     def _build_shortcut_and_se(self, input_shape) -> None:
         if self.shortcut_conv is not None:
-            self.shortcut_conv.build(input_shape)
-            self.shortcut_bn.build((None, None, None, self.out_filters))
+            build_once(self.shortcut_conv, input_shape)
+            build_once(self.shortcut_bn, (None, None, None, self.out_filters))
         if self.se is not None:
-            self.se.build((None, None, None, self.out_filters))
+            build_once(self.se, (None, None, None, self.out_filters))
 
     def _shortcut(self, inputs, training):
         if self.shortcut_conv is None:
@@ -384,10 +407,10 @@ class BasicBlock(_Block):
 
     def build(self, input_shape):
         width = (None, None, None, self.filters)
-        self.conv1.build(input_shape)
-        self.bn1.build(width)
-        self.conv2.build(width)
-        self.bn2.build(width)
+        build_once(self.conv1, input_shape)
+        build_once(self.bn1, width)
+        build_once(self.conv2, width)
+        build_once(self.bn2, width)
         self._build_shortcut_and_se(input_shape)
 
     def call(self, inputs, training=None):
@@ -429,15 +452,15 @@ class BottleneckBlock(_Block):
 
     def build(self, input_shape):
         width = (None, None, None, self.filters)
-        self.conv1.build(input_shape)
-        self.bn1.build(width)
+        build_once(self.conv1, input_shape)
+        build_once(self.bn1, width)
         if self.sk_conv is not None:
-            self.sk_conv.build(width)
+            build_once(self.sk_conv, width)
         else:
-            self.conv2.build(width)
-            self.bn2.build(width)
-        self.conv3.build(width)
-        self.bn3.build((None, None, None, self.out_filters))
+            build_once(self.conv2, width)
+            build_once(self.bn2, width)
+        build_once(self.conv3, width)
+        build_once(self.bn3, (None, None, None, self.out_filters))
         self._build_shortcut_and_se(input_shape)
 
     def call(self, inputs, training=None):
@@ -495,21 +518,29 @@ class BlockGroup(keras.layers.Layer):
             global_bn=global_bn,
         )
         block_cls = _BLOCK_TYPES[block_type]
-        self.blocks = [
-            block_cls(
-                filters,
-                strides if i == 0 else 1,
-                use_projection=i == 0,
-                name=f"block{i + 1}",
-                **self.block_kwargs,
-            )
-            for i in range(num_blocks)
-        ]
+        self._block_names = set_layer_attributes(
+            self,
+            [
+                block_cls(
+                    filters,
+                    strides if i == 0 else 1,
+                    use_projection=i == 0,
+                    name=f"block{i + 1}",
+                    **self.block_kwargs,
+                )
+                for i in range(num_blocks)
+            ],
+        )
         self.out_filters = self.blocks[0].out_filters
+
+    @property
+    def blocks(self) -> list[_Block]:
+        """The blocks, in order."""
+        return [getattr(self, name) for name in self._block_names]
 
     def build(self, input_shape):
         for block in self.blocks:
-            block.build(input_shape)
+            build_once(block, input_shape)
             input_shape = (None, None, None, block.out_filters)
 
     def call(self, inputs, training=None):
@@ -572,25 +603,41 @@ class Stem(keras.layers.Layer):
             specs = [(32 * m, 3, 2), (32 * m, 3, 1), (64 * m, 3, 1)]
         else:
             specs = [(64 * m, 7, 2)]
-        self.convs = [
-            Conv2DFixedPadding(f, k, s, name=f"conv{i}")
-            for i, (f, k, s) in enumerate(specs)
-        ]
+        self._conv_names = set_layer_attributes(
+            self,
+            [
+                Conv2DFixedPadding(f, k, s, name=f"conv{i}")
+                for i, (f, k, s) in enumerate(specs)
+            ],
+        )
         # One BN after every conv; the last one ends the stem.
-        self.bns = [
-            batch_norm(batch_norm_decay, global_bn, name=f"bn{i}")
-            for i in range(len(specs))
-        ]
+        self._bn_names = set_layer_attributes(
+            self,
+            [
+                batch_norm(batch_norm_decay, global_bn, name=f"bn{i}")
+                for i in range(len(specs))
+            ],
+        )
         self.max_pool = None
         if not cifar_stem:
             self.max_pool = keras.layers.MaxPooling2D(3, 2, padding="same")
         self.out_filters = 64 * m
 
+    @property
+    def convs(self) -> list[Conv2DFixedPadding]:
+        """The stem's convs, in order."""
+        return [getattr(self, name) for name in self._conv_names]
+
+    @property
+    def bns(self) -> list[keras.layers.BatchNormalization]:
+        """The BN after each conv."""
+        return [getattr(self, name) for name in self._bn_names]
+
     def build(self, input_shape):
         for conv, bn in zip(self.convs, self.bns, strict=True):
-            conv.build(input_shape)
+            build_once(conv, input_shape)
             input_shape = (None, None, None, conv.filters)
-            bn.build(input_shape)
+            build_once(bn, input_shape)
 
     def call(self, inputs, training=None) -> dict[str, tf.Tensor]:
         x = inputs
@@ -678,7 +725,7 @@ class ResNet(keras.layers.Layer):
             width_multiplier, cifar_stem, sk_ratio, name="stem", **bn_kwargs
         )
         block_type, num_blocks = BLOCKS[depth]
-        self.block_groups = [
+        groups = [
             BlockGroup(
                 64 * width_multiplier * 2**i,
                 block_type,
@@ -691,9 +738,15 @@ class ResNet(keras.layers.Layer):
             )
             for i in range(4)
         ]
+        self._group_names = set_layer_attributes(self, groups)
         for part in self.parts[: fine_tune_after_block + 1]:
             part.trainable = False
         self.output_dim = self.block_groups[-1].out_filters
+
+    @property
+    def block_groups(self) -> list[BlockGroup]:
+        """block_group1 ... block_group4."""
+        return [getattr(self, name) for name in self._group_names]
 
     @property
     def parts(self) -> list[keras.layers.Layer]:
@@ -701,10 +754,10 @@ class ResNet(keras.layers.Layer):
         return [self.stem, *self.block_groups]
 
     def build(self, input_shape):
-        self.stem.build(input_shape)
+        build_once(self.stem, input_shape)
         shape = (None, None, None, self.stem.out_filters)
         for group in self.block_groups:
-            group.build(shape)
+            build_once(group, shape)
             shape = (None, None, None, group.out_filters)
 
     def call(self, inputs, training=None) -> dict[str, tf.Tensor]:

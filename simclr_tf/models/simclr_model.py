@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from simclr_tf.models import heads as heads_lib
 from simclr_tf.models import resnet as resnet_lib
+from simclr_tf.models.resnet import build_once
 
 IMAGE_CHANNELS = 3
 
@@ -79,11 +80,12 @@ class SimCLRModel(keras.Model):
         return self.supervised_head.kernels
 
     def build(self, input_shape):
-        self.encoder.build((None, None, None, IMAGE_CHANNELS))
+        build_once(self.encoder, (None, None, None, IMAGE_CHANNELS))
         dims = self.projection_head.hidden_dims(self.encoder.output_dim)
-        self.projection_head.build((None, dims[0]))
+        build_once(self.projection_head, (None, dims[0]))
         if self.supervised_head is not None:
-            self.supervised_head.build((None, dims[self.ft_proj_selector]))
+            selected_dim = dims[self.ft_proj_selector]
+            build_once(self.supervised_head, (None, selected_dim))
 
     def call(self, images, training=None) -> dict[str, tf.Tensor]:
         channels = images.shape[-1]
