@@ -1,0 +1,205 @@
+"""Evaluation: linear-head top-1/top-5, a weighted kNN monitor, results.
+
+The kNN monitor classifies eval images by their k nearest training images
+in encoder-feature space (cosine similarity), each neighbour voting for its
+class with weight exp(similarity / T) — the monitor of InstDisc (Wu et al.
+2018) as used by the PyTorch SimCLR libraries (k = 200, T = 0.07).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from simclr_tf import config as config_lib
+from simclr_tf import schedules
+from simclr_tf.data import input_pipeline
+
+FEATURE_KEY = "final_avg_pool"
+
+
+def weighted_knn_predict(
+    query: tf.Tensor,
+    bank: tf.Tensor,
+    bank_labels: tf.Tensor,
+    *,
+    num_classes: int,
+    k: int,
+    temperature: float,
+    chunk_size: int = 1024,
+) -> tf.Tensor:
+    """Predicted class of each query row by weighted kNN over `bank`.
+
+    Args:
+      query: (q, d) features; L2-normalised inside.
+      bank: (m, d) features of the labelled memory bank.
+      bank_labels: (m,) int class ids of the bank.
+      num_classes: number of classes.
+      k: neighbours (capped at m).
+      temperature: the vote of a neighbour is exp(cosine / temperature).
+      chunk_size: query rows per similarity matrix, to bound memory.
+
+    Returns:
+      (q,) int64 predicted class ids.
+    """
+    bank = tf.math.l2_normalize(tf.cast(bank, tf.float32), axis=1)
+    query = tf.math.l2_normalize(tf.cast(query, tf.float32), axis=1)
+    k = min(k, int(bank.shape[0]))
+    predictions = []
+    for start in range(0, int(query.shape[0]), chunk_size):
+        sim = tf.matmul(
+            query[start : start + chunk_size], bank, transpose_b=True
+        )
+        top_sim, top_idx = tf.math.top_k(sim, k=k)  # (c, k)
+        votes = tf.one_hot(tf.gather(bank_labels, top_idx), num_classes)
+        weights = tf.exp(top_sim / temperature)[..., None]  # (c, k, 1)
+        scores = tf.reduce_sum(votes * weights, axis=1)  # (c, classes)
+        predictions.append(tf.argmax(scores, axis=1))
+    return tf.concat(predictions, axis=0)
+
+
+def _features_and_labels(model, dataset, max_batches=None):
+    feats, labels = [], []
+    for i, (images, one_hot) in enumerate(dataset):
+        if max_batches and i >= max_batches:
+            break
+        feats.append(model(images, training=False)[FEATURE_KEY])
+        labels.append(tf.argmax(one_hot, axis=1))
+    return tf.concat(feats, 0), tf.concat(labels, 0)
+
+
+def knn_accuracy(
+    config: config_lib.Config,
+    model: keras.Model,
+    info: input_pipeline.DatasetInfo,
+) -> float:
+    """Top-1 accuracy of the weighted kNN monitor on the eval split, with
+    `knn_train_examples` training images (eval preprocessing) as bank."""
+    ev, data = config.eval, config.data
+    batch = ev.eval_batch_size
+
+    def split_dataset(split):
+        return input_pipeline.build_dataset(
+            data,
+            batch_size=batch,
+            is_training=False,
+            pretrain=False,
+            split=split,
+        )
+
+    bank_batches = -(-ev.knn_train_examples // batch)
+    bank, bank_labels = _features_and_labels(
+        model, split_dataset(data.train_split), bank_batches
+    )
+    bank = bank[: ev.knn_train_examples]
+    bank_labels = bank_labels[: ev.knn_train_examples]
+    query, query_labels = _features_and_labels(
+        model, split_dataset(data.eval_split), ev.eval_steps or None
+    )
+    predicted = weighted_knn_predict(
+        query,
+        bank,
+        bank_labels,
+        num_classes=info.num_classes,
+        k=ev.knn_k,
+        temperature=ev.knn_temperature,
+    )
+    return float(
+        tf.reduce_mean(tf.cast(tf.equal(predicted, query_labels), tf.float32))
+    )
+
+
+def linear_accuracy(
+    config: config_lib.Config,
+    strategy: tf.distribute.Strategy,
+    model: keras.Model,
+    info: input_pipeline.DatasetInfo,
+) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy of the supervised head on the eval split."""
+    dataset = input_pipeline.build_distributed_dataset(
+        strategy,
+        config.data,
+        global_batch_size=config.eval.eval_batch_size,
+        is_training=False,
+        pretrain=False,
+        split=config.data.eval_split,
+    )
+    top = min(5, info.num_classes)
+
+    @tf.function
+    def eval_step(images, one_hot):
+        def replica(images, one_hot):
+            logits = model(images, training=False)["logits_sup"]
+            labels = tf.argmax(one_hot, axis=1, output_type=tf.int32)
+            hit1 = tf.math.in_top_k(labels, logits, 1)
+            hit5 = tf.math.in_top_k(labels, logits, top)
+            return tf.stack(
+                [
+                    tf.reduce_sum(tf.cast(hit1, tf.float32)),
+                    tf.reduce_sum(tf.cast(hit5, tf.float32)),
+                    tf.cast(tf.shape(labels)[0], tf.float32),
+                ]
+            )
+
+        per_replica = strategy.run(replica, args=(images, one_hot))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, None)
+
+    totals = tf.zeros(3)
+    for i, (images, one_hot) in enumerate(dataset):
+        if config.eval.eval_steps and i >= config.eval.eval_steps:
+            break
+        totals += eval_step(images, one_hot)
+    hit1, hit5, count = (float(x) for x in totals)
+    if count == 0:
+        raise ValueError(
+            f"The eval split {config.data.eval_split!r} of "
+            f"{config.data.dataset!r} yielded no images."
+        )
+    return hit1 / count, hit5 / count
+
+
+def evaluate(
+    config: config_lib.Config,
+    strategy: tf.distribute.Strategy,
+    model: keras.Model,
+    info: input_pipeline.DatasetInfo,
+    step: int,
+) -> dict[str, float]:
+    """All eval metrics of the current weights, keyed by TensorBoard name."""
+    results: dict[str, float] = {"global_step": step}
+    labelled = info.num_classes is not None
+    if labelled and model.supervised_head is not None:
+        top1, top5 = linear_accuracy(config, strategy, model, info)
+        results["eval/label_top_1_accuracy"] = top1
+        results["eval/label_top_5_accuracy"] = top5
+    results["eval/regularization_loss"] = float(
+        schedules.weight_decay_loss(model, config.optim)
+    )
+    if labelled and config.eval.knn_k:
+        results["eval/knn_top_1_accuracy"] = knn_accuracy(config, model, info)
+    logging.info("Eval at step %d: %s", step, results)
+    return results
+
+
+def write_results(
+    config: config_lib.Config,
+    results: dict[str, float],
+    writer: tf.summary.SummaryWriter | None,
+) -> None:
+    """Writes `result.json`, `result_<step>.json` and eval summaries."""
+    step = int(results["global_step"])
+    record = dict(results, flags=config_lib.to_flat(config))
+    model_dir = config.train.model_dir
+    for name in ("result.json", f"result_{step}.json"):
+        with tf.io.gfile.GFile(os.path.join(model_dir, name), "w") as f:
+            json.dump(record, f, indent=2, sort_keys=True)
+    if writer is not None:
+        with writer.as_default(step=step):
+            for key, value in results.items():
+                if key.startswith("eval/"):
+                    tf.summary.scalar(key, value)
+        writer.flush()

@@ -1,0 +1,101 @@
+"""Tests of the training step: 2 replicas equal 1 replica on the same
+global batch, and the metrics/loss composition."""
+
+import numpy as np
+import tensorflow as tf
+
+from simclr_tf import config as config_lib
+from simclr_tf import schedules
+from simclr_tf.models import factory
+from simclr_tf.training import step as step_lib
+from tests.helpers import two_replica_strategy
+
+GLOBAL_BATCH, SIZE, CLASSES = 8, 16, 5
+
+
+def _config(**overrides):
+    flat = dict(
+        resnet_depth=18,
+        image_size=SIZE,
+        train_batch_size=GLOBAL_BATCH,
+        train_steps=1,
+        temperature=0.5,
+        global_bn=True,
+        weight_decay=1e-4,
+        optimizer="lars",
+        learning_rate=1.0,
+    )
+    flat.update(overrides)
+    return config_lib.validate(config_lib.from_flat(flat))
+
+
+def _one_step(strategy, config, weights, images, labels):
+    """Builds model + optimizer in `strategy`, loads `weights`, runs one
+    distributed step on the global batch; returns the new weights."""
+    with strategy.scope():
+        model = factory.build_model(config, CLASSES)
+        model.set_weights(weights)
+        optimizer = schedules.build_optimizer(config.optim, 0.5, model)
+        optimizer.build(model.trainable_variables)
+    replica_step = step_lib.make_replica_step(model, optimizer, config)
+    n = strategy.num_replicas_in_sync
+    per = GLOBAL_BATCH // n
+
+    def shard(ctx):
+        i = ctx.replica_id_in_sync_group
+        return images[i * per : (i + 1) * per], labels[i * per : (i + 1) * per]
+
+    batch = strategy.experimental_distribute_values_from_function(shard)
+
+    @tf.function
+    def run(batch):
+        metrics = strategy.run(replica_step, args=batch)
+        return strategy.reduce(
+            tf.distribute.ReduceOp.MEAN, metrics["total_loss"], axis=None
+        )
+
+    loss = float(run(batch))
+    return loss, [w.copy() for w in model.get_weights()]
+
+
+def test_two_replicas_update_weights_like_one_on_the_global_batch():
+    config = _config()
+    rng = np.random.default_rng(0)
+    images = rng.uniform(size=(GLOBAL_BATCH, SIZE, SIZE, 6)).astype("float32")
+    labels = np.eye(CLASSES, dtype="float32")[rng.integers(0, CLASSES, 8)]
+    init = factory.build_model(config, CLASSES).get_weights()
+
+    one = tf.distribute.OneDeviceStrategy("/CPU:0")
+    loss1, w1 = _one_step(one, config, init, images, labels)
+    loss2, w2 = _one_step(two_replica_strategy(), config, init, images, labels)
+
+    assert np.isfinite(loss1)
+    np.testing.assert_allclose(loss2, loss1, rtol=1e-5)
+    changed = 0
+    for a, b, before in zip(w1, w2, init, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+        changed += not np.array_equal(a, before)
+    # The step really moved the weights (and BN moving statistics).
+    assert changed > len(init) // 2
+
+
+def test_metric_names_follow_the_mode():
+    pre = step_lib.metric_names(_config(), has_supervised_head=True)
+    assert pre == [
+        "contrast_loss",
+        "contrast_acc",
+        "contrast_entropy",
+        "supervised_loss",
+        "supervised_acc",
+        "weight_decay",
+        "total_loss",
+    ]
+    ft = step_lib.metric_names(
+        _config(train_mode="finetune"), has_supervised_head=True
+    )
+    assert ft == [
+        "supervised_loss",
+        "supervised_acc",
+        "weight_decay",
+        "total_loss",
+    ]
