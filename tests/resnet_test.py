@@ -378,7 +378,7 @@ def test_batch_norm_settings(depth, global_bn, last_bn):
         for g in encoder.block_groups
         for blk in g.blocks
     }
-    assert len(last) == 16 if depth == 50 else 8
+    assert len(last) == (16 if depth == 50 else 8)
     for b in bns:
         expected = 0.0 if id(b) in last else 1.0
         np.testing.assert_array_equal(b.gamma.numpy(), expected)
