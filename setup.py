@@ -40,6 +40,7 @@ setup(
         "tensorflow>=2.16,<2.22",
         "keras>=3.3,<4",
         "tensorflow-datasets>=4.9.4,<5",
+        "tensorboard>=2.16,<2.22",
         "absl-py>=1.4,<3",
         "numpy>=1.26,<3",
     ],
