@@ -1,0 +1,442 @@
+"""Tests of simclr_tf.data.input_pipeline: image folders and TFDS (mocked)."""
+
+import dataclasses
+import hashlib
+import io
+import logging
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from simclr_tf import config
+from simclr_tf.data import input_pipeline as ip
+from tests.helpers import two_replica_strategy
+
+SIZE = 16
+# Dominant colour of each class's images, so labels can be checked.
+CLASS_COLOURS = {"ant": (220, 40, 40), "bee": (40, 220, 40)}
+
+
+def _noise_image(rng, colour, shape):
+    noise = rng.integers(-30, 30, shape + (3,))
+    return np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
+
+
+def _save(path, array, fmt=None, **kw):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(array).save(path, format=fmt, **kw)
+
+
+def _write_class_images(root, rng, per_class, colours=CLASS_COLOURS):
+    """per_class colourful images per class, in JPEG, PNG, BMP and GIF."""
+    formats = ["png", "jpg", "bmp", "gif"]
+    for name, colour in colours.items():
+        for i in range(per_class):
+            shape = (18 + i % 5, 22 + 3 * (i % 3))
+            ext = formats[i % len(formats)]
+            _save(
+                os.path.join(root, name, f"{i}.{ext}"),
+                _noise_image(rng, colour, shape),
+            )
+
+
+def _write_odd_files(root, rng):
+    """A grayscale PNG, an RGBA PNG (class bee), a corrupt JPEG and a
+    truncated PNG (class ant). Returns the number of unreadable files."""
+    gray = rng.integers(0, 255, (20, 20), dtype=np.uint8)
+    _save(os.path.join(root, "bee", "gray.png"), gray)
+    rgba = np.concatenate(
+        [
+            _noise_image(rng, CLASS_COLOURS["bee"], (19, 17)),
+            gray[:19, :17, None],
+        ],
+        axis=-1,
+    )
+    _save(os.path.join(root, "bee", "rgba.png"), rgba)
+    with open(os.path.join(root, "ant", "corrupt.jpg"), "wb") as f:
+        f.write(b"this is not a JPEG file")
+    buffer = io.BytesIO()
+    Image.fromarray(_noise_image(rng, (0, 0, 0), (30, 30))).save(buffer, "PNG")
+    with open(os.path.join(root, "ant", "truncated.png"), "wb") as f:
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    return 2
+
+
+@pytest.fixture
+def class_folder(tmp_path):
+    """ant/ and bee/: 10 colourful images each, plus gray, RGBA, corrupt and
+    truncated files. Readable: ant 10, bee 12."""
+    rng = np.random.default_rng(0)
+    root = str(tmp_path / "classes")
+    _write_class_images(root, rng, 10)
+    _write_odd_files(root, rng)
+    return root
+
+
+def _data(root, **kw):
+    defaults = dict(
+        dataset=config.FOLDER_PREFIX + root,
+        image_size=SIZE,
+        use_blur=False,
+        seed=11,
+    )
+    return config.DataConfig(**(defaults | kw))
+
+
+def _batches(ds, n=None):
+    out = []
+    for i, (x, y) in enumerate(ds):
+        if n is not None and i >= n:
+            break
+        out.append((x.numpy(), y.numpy()))
+    return out
+
+
+def _digest(image) -> str:
+    return hashlib.sha1(np.asarray(image).tobytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------
+# Image folders.
+
+
+def test_folder_info_holdout_and_skipped_files(class_folder, caplog):
+    caplog.set_level(logging.WARNING)
+    data = _data(class_folder, holdout_fraction=0.2, eval_split="val")
+    info = ip.get_dataset_info(data)
+    # Holdout per class of all listed files: ant 12 files -> round(2.4) = 2
+    # held, bee 12 -> 2 held; the 2 unreadable ant files are then dropped
+    # from whichever side they fell on.
+    assert info.num_classes == 2
+    assert info.class_names == ("ant", "bee")
+    assert info.num_skipped_files == 2
+    assert info.num_train_examples + info.num_eval_examples == 22
+    assert info.num_eval_examples in (2, 3, 4)
+    warnings = [
+        r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()
+    ]
+    assert len(warnings) == 1 and "Skipped 2 unreadable" in warnings[0]
+    # Reported once per process, not again on the next call.
+    ip.get_dataset_info(data)
+    again = [r for r in caplog.records if "unreadable" in r.getMessage()]
+    assert len(again) == 1
+
+
+def test_folder_holdout_is_disjoint_and_deterministic(class_folder):
+    data = _data(class_folder, holdout_fraction=0.2, eval_split="val")
+
+    def digests(split, seed):
+        source = ip.build_source(dataclasses.replace(data, seed=seed), split)
+        return [(_digest(x), int(y)) for x, y in source]
+
+    train, held = digests("train", 1), digests("val", 1)
+    assert not {d for d, _ in train} & {d for d, _ in held}
+    assert held == digests("val", 2)  # Independent of the run seed.
+    assert len(train) + len(held) == 22
+
+
+def test_folder_decodes_every_format_to_rgb_with_right_labels(class_folder):
+    source = list(ip.build_source(_data(class_folder), "train"))
+    assert len(source) == 22
+    grays = 0
+    for image, label in source:
+        assert image.dtype == tf.uint8 and image.shape.rank == 3
+        assert image.shape[-1] == 3
+        image = image.numpy().astype(int)
+        mean = image.reshape(-1, 3).mean(0)
+        if np.ptp(image, axis=-1).max() == 0:
+            grays += 1  # The grayscale PNG, tiled to RGB.
+            continue
+        # Red images are class 0 (ant), green ones class 1 (bee).
+        assert int(label) == int(np.argmax(mean[:2])), (mean, int(label))
+    assert grays == 1
+
+
+@pytest.mark.parametrize(
+    "is_training, pretrain, channels",
+    [(True, True, 6), (True, False, 3), (False, True, 3), (False, False, 3)],
+)
+def test_folder_pipeline_shapes_per_mode(
+    class_folder, is_training, pretrain, channels
+):
+    data = _data(class_folder)
+    ds = ip.build_dataset(
+        data,
+        batch_size=8,
+        is_training=is_training,
+        pretrain=pretrain,
+        split="train",
+    )
+    batches = _batches(ds, n=4)
+    if is_training:
+        assert len(batches) == 4  # Repeats past the 22 examples.
+        assert all(x.shape == (8, SIZE, SIZE, channels) for x, _ in batches)
+    else:
+        # One pass, last batch partial: 22 = 8 + 8 + 6.
+        assert [len(x) for x, _ in batches] == [8, 8, 6]
+        assert all(x.shape[1:] == (SIZE, SIZE, 3) for x, _ in batches)
+    for x, y in batches:
+        assert x.dtype == np.float32 and x.min() >= 0 and x.max() <= 1
+        assert y.dtype == np.float32 and y.shape == (len(x), 2)
+        np.testing.assert_array_equal(y.sum(1), 1.0)
+        assert set(np.unique(y)) <= {0.0, 1.0}
+
+
+def test_eval_labels_match_images(class_folder):
+    ds = ip.build_dataset(
+        _data(class_folder, image_size=20),
+        batch_size=22,
+        is_training=False,
+        pretrain=False,
+        split="train",
+    )
+    ((x, y),) = _batches(ds)
+    mean = x.reshape(len(x), -1, 3).mean(1)
+    colourful = np.ptp(mean, axis=1) > 0.1
+    assert colourful.sum() == 21  # All but the grayscale one.
+    np.testing.assert_array_equal(
+        np.argmax(mean[colourful, :2], 1), np.argmax(y[colourful], 1)
+    )
+
+
+def test_two_replicas_get_half_the_global_batch(class_folder):
+    strategy = two_replica_strategy()
+    data = _data(class_folder)
+    ds = ip.build_distributed_dataset(
+        strategy, data, global_batch_size=8, is_training=True, pretrain=True
+    )
+    images, labels = next(iter(ds))
+    local = strategy.experimental_local_results(images)
+    assert len(local) == 2
+    assert all(t.shape == (4, SIZE, SIZE, 6) for t in local)
+    assert all(
+        t.shape == (4, 2) for t in strategy.experimental_local_results(labels)
+    )
+    # Two replicas see different images.
+    assert not np.allclose(local[0].numpy(), local[1].numpy())
+    eval_ds = ip.build_distributed_dataset(
+        strategy,
+        data,
+        global_batch_size=8,
+        is_training=False,
+        pretrain=True,
+        split="train",
+    )
+    seen = 0
+    for images, _ in eval_ds:
+        for t in strategy.experimental_local_results(images):
+            assert t.shape[0] <= 4 and t.shape[1:] == (SIZE, SIZE, 3)
+            seen += t.shape[0]
+    assert seen == 22
+
+
+def test_fixed_seed_gives_identical_batches(class_folder):
+    def first_batches(**kw):
+        ds = ip.build_dataset(
+            _data(class_folder, **kw),
+            batch_size=8,
+            is_training=True,
+            pretrain=True,
+        )
+        return _batches(ds, n=4)  # 32 examples: more than one epoch.
+
+    a, b = first_batches(seed=5), first_batches(seed=5)
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    # A resumed run skipping 2 batches sees batches 2 and 3 again.
+    resumed = _batches(
+        ip.build_dataset(
+            _data(class_folder, seed=5),
+            batch_size=8,
+            is_training=True,
+            pretrain=True,
+            start_batch=2,
+        ),
+        n=2,
+    )
+    for (xa, _), (xr, _) in zip(a[2:], resumed, strict=True):
+        np.testing.assert_array_equal(xa, xr)
+    c = first_batches(seed=6)
+    assert not np.allclose(a[0][0], c[0][0])
+    # Caching decoded images before augmentation changes nothing, also in
+    # the second epoch (cached views would repeat there).
+    cached = first_batches(seed=5, cache_dataset=True)
+    for (xa, _), (xc, _) in zip(a, cached, strict=True):
+        np.testing.assert_allclose(xa, xc, atol=1e-6)
+
+
+def test_split_subfolders_and_missing_eval_class(tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    rng = np.random.default_rng(1)
+    root = str(tmp_path / "splits")
+    _write_class_images(os.path.join(root, "train"), rng, 4)
+    _write_class_images(
+        os.path.join(root, "val"), rng, 3, {"bee": CLASS_COLOURS["bee"]}
+    )
+    data = _data(root, eval_split="val")
+    info = ip.get_dataset_info(data)
+    assert (info.num_train_examples, info.num_eval_examples) == (8, 3)
+    assert info.class_names == ("ant", "bee")
+    assert any(
+        "ant" in r.getMessage() and "val" in r.getMessage()
+        for r in caplog.records
+    )
+    # val/ labels follow the train classes: bee is class 1.
+    labels = [int(y) for _, y in ip.build_source(data, "val")]
+    assert labels == [1, 1, 1]
+    with pytest.raises(ip.DatasetError, match="'test'.*'train', 'val'"):
+        ip.build_dataset(
+            data, batch_size=2, is_training=False, pretrain=False, split="test"
+        )
+
+
+def test_eval_class_unknown_to_train_is_an_error(tmp_path):
+    rng = np.random.default_rng(2)
+    root = str(tmp_path / "splits")
+    _write_class_images(os.path.join(root, "train"), rng, 2)
+    _write_class_images(os.path.join(root, "val"), rng, 2, {"cow": (9, 9, 9)})
+    with pytest.raises(ip.DatasetError, match="cow"):
+        ip.get_dataset_info(_data(root, eval_split="val"))
+
+
+def test_flat_folder_is_unlabeled_pretraining_only(tmp_path):
+    rng = np.random.default_rng(3)
+    root = str(tmp_path / "flat")
+    for i in range(6):
+        _save(
+            os.path.join(root, f"{i}.png"),
+            _noise_image(rng, (90,) * 3, (17, 23)),
+        )
+    data = _data(root)
+    info = ip.get_dataset_info(data)
+    assert info.num_classes is None and info.num_train_examples == 6
+    assert info.num_eval_examples == 0  # No eval split: a warning only.
+    x, y = _batches(
+        ip.build_dataset(data, batch_size=4, is_training=True, pretrain=True), 1
+    )[0]
+    assert x.shape == (4, SIZE, SIZE, 6) and y.shape == (4, 0)
+    with pytest.raises(ip.DatasetError, match="no labels"):
+        ip.build_dataset(data, batch_size=4, is_training=True, pretrain=False)
+    with pytest.raises(ip.DatasetError, match="holdout_fraction"):
+        ip.build_dataset(data, batch_size=4, is_training=False, pretrain=False)
+
+
+def test_folder_errors_name_the_path(tmp_path):
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(ip.DatasetError, match=f"{missing} is not a directory"):
+        ip.get_dataset_info(_data(missing))
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "notes.txt").write_text("no images here")
+    with pytest.raises(ip.DatasetError, match=f"no images.*{empty}"):
+        ip.get_dataset_info(_data(str(empty)))
+
+
+def test_preview_grid_from_a_folder(class_folder):
+    grid = ip.preview_grid(
+        _data(class_folder, use_blur=True), num_images=3, num_views=2
+    )
+    # 3 rows, original + 2 views, each tile 16 px plus 2 px borders.
+    assert grid.shape == (1, 3 * 20, 3 * 20, 3)
+    assert grid.dtype == tf.float32
+    assert 0 <= float(tf.reduce_min(grid)) and float(tf.reduce_max(grid)) <= 1
+
+
+# --------------------------------------------------------------------------
+# TFDS (mocked: nothing is downloaded).
+
+
+def test_tfds_mock_cifar10_pipelines():
+    data = config.DataConfig(
+        dataset="cifar10", image_size=32, eval_split="test", seed=3
+    )
+    with tfds.testing.mock_data(num_examples=10):
+        info = ip.get_dataset_info(data)
+        assert (info.num_train_examples, info.num_eval_examples) == (10, 10)
+        assert info.num_classes == 10 and len(info.class_names) == 10
+        train = ip.build_dataset(
+            data, batch_size=4, is_training=True, pretrain=True
+        )
+        x, y = _batches(train, 1)[0]
+        assert x.shape == (4, 32, 32, 6) and y.shape == (4, 10)
+        np.testing.assert_array_equal(y.sum(1), 1.0)
+        evals = _batches(
+            ip.build_dataset(
+                data, batch_size=4, is_training=False, pretrain=True
+            )
+        )
+        assert [len(x) for x, _ in evals] == [4, 4, 2]
+        assert all(x.shape[1:] == (32, 32, 3) for x, _ in evals)
+        # Slicing syntax is passed to TFDS.
+        ip.build_dataset(
+            data,
+            batch_size=4,
+            is_training=False,
+            pretrain=False,
+            split="train[:50%]",
+        )
+        strategy = two_replica_strategy()
+        dist = ip.build_distributed_dataset(
+            strategy,
+            data,
+            global_batch_size=4,
+            is_training=True,
+            pretrain=False,
+        )
+        images, _ = next(iter(dist))
+        shapes = [t.shape for t in strategy.experimental_local_results(images)]
+        assert shapes == [(2, 32, 32, 3)] * 2
+
+
+def test_tfds_unlabeled_examples_get_zero_labels():
+    """STL-10's `unlabeled` split has label -1: an all-zero one-hot row."""
+    png = tf.io.encode_png(tf.zeros([96, 96, 3], tf.uint8))
+
+    def as_dataset(self, split, decoders=None, **kwargs):
+        del self, split, decoders, kwargs
+        return tf.data.Dataset.from_tensors(
+            {"image": png, "label": tf.constant(-1, tf.int64)}
+        ).repeat(5)
+
+    data = config.DataConfig(
+        dataset="stl10", train_split="unlabeled", image_size=SIZE, seed=1
+    )
+    with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+        assert ip.get_dataset_info(data).num_classes == 10
+        x, y = _batches(
+            ip.build_dataset(
+                data, batch_size=5, is_training=True, pretrain=True
+            ),
+            1,
+        )[0]
+    assert x.shape == (5, SIZE, SIZE, 6)
+    np.testing.assert_array_equal(y, np.zeros([5, 10]))
+
+
+def test_unknown_tfds_name_is_one_clear_error():
+    with pytest.raises(ip.DatasetError) as e:
+        ip.get_dataset_info(config.DataConfig(dataset="cifar_ten"))
+    message = str(e.value)
+    assert "cifar_ten" in message and "folder:" in message
+    assert e.value.__cause__ is None and e.value.__suppress_context__
+    assert isinstance(e.value, config.ConfigError)
+
+
+def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path):
+    data_dir = str(tmp_path / "tfds")
+    with pytest.raises(ip.DatasetError) as e:
+        ip.get_dataset_info(
+            config.DataConfig(dataset="cifar10", data_dir=data_dir)
+        )
+    assert f"tfds build cifar10 --data_dir={data_dir}" in str(e.value)
+    with pytest.raises(ip.DatasetError) as e:
+        ip.get_dataset_info(
+            config.DataConfig(dataset="imagenet2012", data_dir=data_dir)
+        )
+    assert "downloads/manual" in str(e.value)
+    assert "ILSVRC2012_img_train.tar" in str(e.value)
