@@ -42,6 +42,7 @@ from tensorflow.core.protobuf import trackable_object_graph_pb2
 import simclr_tf
 from simclr_tf import config as config_lib
 from simclr_tf.data import augment
+from simclr_tf.models import factory
 
 SERVING_SIGNATURE = "serving_default"
 IMAGES_SIGNATURE = "serving_images"
@@ -139,7 +140,9 @@ def _decode_and_preprocess(image_bytes: tf.Tensor, image_size: int):
                 data, channels=3, dtype=tf.float32, expand_animations=False
             )
         image.set_shape([None, None, 3])
-        return augment.preprocess_for_eval(image, image_size)
+        return augment.preprocess_for_eval(
+            image, height=image_size, width=image_size
+        )
 
     indices = tf.range(tf.shape(image_bytes, out_type=tf.int64)[0])
     return tf.map_fn(
@@ -197,7 +200,9 @@ def _check_float_images(images: tf.Tensor) -> tf.Tensor:
 
 def _preprocess_float_images(images: tf.Tensor, image_size: int):
     return tf.map_fn(
-        lambda image: augment.preprocess_for_eval(image, image_size),
+        lambda image: augment.preprocess_for_eval(
+            image, height=image_size, width=image_size
+        ),
         _check_float_images(images),
         fn_output_signature=tf.TensorSpec(
             (image_size, image_size, 3), tf.float32
@@ -276,12 +281,19 @@ def _check_model(model: keras.Model, image_size: int) -> dict:
     }
 
 
-def _trainable_weights(model: keras.Model) -> list:
-    # Freezing is a choice of one training run: every weight that was
-    # created trainable stays trainable in the export (BN moving statistics
-    # do not), so `trainable_variables` agrees with the loaded variables'
-    # own `trainable` flags.
-    return [v for v in model.weights if v.value.trainable]
+def _tf_variables(model: keras.Model) -> tuple[list, list]:
+    """(all, trainable) `tf.Variable`s under the model's Keras variables.
+
+    The export tracks these, not the Keras wrappers: a wrapper is saved as
+    a copy of its variable that the graph does not read, and the TF1-style
+    loader of TF Serving and `saved_model_cli run` then finds the variables
+    the signatures read uninitialised. "Trainable" is
+    `tf.Variable.trainable`, fixed when a variable is created (False for BN
+    moving statistics and for blocks frozen by `fine_tune_after_block`), so
+    `trainable_variables` agrees with the loaded variables' own flags.
+    """
+    variables = [v.value for v in model.variables]
+    return variables, [v for v in variables if v.trainable]
 
 
 def export_saved_model(
@@ -319,8 +331,7 @@ def export_saved_model(
     num_classes = shapes["logits_sup"][-1] if "logits_sup" in shapes else None
     root = tf.__internal__.tracking.AutoTrackable()
     root.__call__ = _hub_call(model)
-    root.variables = list(model.variables)
-    root.trainable_variables = _trainable_weights(model)
+    root.variables, root.trainable_variables = _tf_variables(model)
     # Weight decay is part of the training loss, not of the model.
     root.regularization_losses = []
     signatures = _signatures(model, image_size)
@@ -491,8 +502,6 @@ def export_checkpoint(
       ExportError: no config or checkpoint, or a checkpoint that does not
         fit the model of the config.
     """
-    from simclr_tf.models import factory  # Not needed by `export_run`.
-
     config_path = os.path.join(model_dir, "config.json")
     if not tf.io.gfile.exists(config_path):
         raise ExportError(
@@ -509,9 +518,13 @@ def export_checkpoint(
         )
     if num_classes is None:
         num_classes = num_classes_in_checkpoint(path)
-    model = factory.build_model(config, num_classes)
+    if num_classes is None and config.train.train_mode == "finetune":
+        raise ExportError(
+            f"Found no supervised head in checkpoint {path!r} of a "
+            "fine-tuning run. Pass --num_classes=<classes of its dataset>."
+        )
+    model = factory.build_model(config, num_classes)  # Built.
     size = config.data.image_size
-    model(tf.zeros((1, size, size, 3 * model.num_views)), training=False)
     status = tf.train.Checkpoint(model=model).restore(path)
     try:
         status.assert_existing_objects_matched()
