@@ -5,6 +5,8 @@ import hashlib
 import io
 import logging
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -440,3 +442,32 @@ def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path):
         )
     assert "downloads/manual" in str(e.value)
     assert "ILSVRC2012_img_train.tar" in str(e.value)
+
+
+@pytest.mark.slow
+def test_preview_script_writes_a_png(class_folder, tmp_path):
+    output = tmp_path / "views.png"
+    script = os.path.join(
+        os.path.dirname(os.path.dirname(__file__)),
+        "scripts",
+        "preview_augmentations.py",
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            script,
+            f"--dataset={config.FOLDER_PREFIX}{class_folder}",
+            f"--output={output}",
+            "--image_size=24",
+            "--num_images=3",
+            "--num_views=2",
+            "--seed=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    png = tf.io.decode_png(tf.io.read_file(str(output)))
+    # 3 rows and 3 columns of 24 px tiles with 2 px borders.
+    assert png.shape == (3 * 28, 3 * 28, 3)

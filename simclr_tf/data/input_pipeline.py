@@ -764,6 +764,11 @@ def preview_grid(
                 **kwargs,
             )
         )
+    if not views:
+        raise DatasetError(
+            f"Split {split or data.train_split!r} of {data.dataset!r} has no "
+            "images to preview."
+        )
     return augmentation_grid(
         tf.stack(views), tf.clip_by_value(tf.stack(originals), 0.0, 1.0)
     )
