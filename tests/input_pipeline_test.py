@@ -220,6 +220,25 @@ def test_two_replicas_get_half_the_global_batch(class_folder):
     )
     # Two replicas see different images.
     assert not np.allclose(local[0].numpy(), local[1].numpy())
+    # A run resumed after 1 step gets the uninterrupted run's 2nd step.
+    iterator = iter(
+        ip.build_distributed_dataset(
+            strategy, data, global_batch_size=8, is_training=True, pretrain=True
+        )
+    )
+    next(iterator)
+    second = strategy.experimental_local_results(next(iterator)[0])
+    resumed = ip.build_distributed_dataset(
+        strategy,
+        data,
+        global_batch_size=8,
+        is_training=True,
+        pretrain=True,
+        start_batch=1,
+    )
+    first = strategy.experimental_local_results(next(iter(resumed))[0])
+    for a, b in zip(second, first, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
     eval_ds = ip.build_distributed_dataset(
         strategy,
         data,

@@ -103,7 +103,8 @@ class _Folder:
 
 
 def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
+    # Hidden files are skipped: e.g. macOS "._x.jpg" resource forks.
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
 def _subdirs(path: str) -> list[str]:
@@ -256,11 +257,10 @@ def _scan_folder(
             f"{os.path.join(root, train_split) if split_dirs else root}. "
             "Put images there, in one subfolder per class for labels."
         )
-    folder = _check_folder(root, classes, raw, eval_split)
-    return dataclasses.replace(folder, has_split_dirs=split_dirs)
+    return _check_folder(root, split_dirs, classes, raw, eval_split)
 
 
-def _check_folder(root, classes, raw, eval_split) -> _Folder:
+def _check_folder(root, split_dirs, classes, raw, eval_split) -> _Folder:
     """Drops unreadable files (one warning) and reports missing classes."""
     all_paths = [p for paths, _ in raw.values() for p in paths]
     ok = dict(zip(all_paths, _readable(all_paths), strict=True))
@@ -291,7 +291,7 @@ def _check_folder(root, classes, raw, eval_split) -> _Folder:
                 len(classes),
                 ", ".join(missing[:5]),
             )
-    return _Folder(root, False, classes, splits, len(bad))
+    return _Folder(root, split_dirs, classes, splits, len(bad))
 
 
 def _folder(data: config_lib.DataConfig) -> _Folder:
@@ -703,6 +703,20 @@ def build_distributed_dataset(
     Each replica gets `global_batch_size / num_replicas_in_sync` examples
     per step.
 
+    Args:
+      strategy: the distribution strategy.
+      data: the data config.
+      global_batch_size: examples per step over all replicas.
+      is_training: as `build_dataset`.
+      pretrain: as `build_dataset`.
+      split: as `build_dataset`.
+      start_batch: training only: global steps already taken; each input
+        pipeline skips the per-replica batches those steps consumed
+        (num_replicas_in_sync / num_input_pipelines per step).
+
+    Returns:
+      The `tf.distribute.DistributedDataset` of (images, labels).
+
     Raises:
       DatasetError: as `build_dataset`.
     """
@@ -717,7 +731,9 @@ def build_distributed_dataset(
             pretrain=pretrain,
             split=split,
             input_context=ctx,
-            start_batch=start_batch,
+            start_batch=start_batch
+            * ctx.num_replicas_in_sync
+            // ctx.num_input_pipelines,
         )
 
     return strategy.distribute_datasets_from_function(dataset_fn)
