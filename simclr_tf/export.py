@@ -166,10 +166,9 @@ def _check_float_images(images: tf.Tensor) -> tf.Tensor:
         f"{IMAGES_SIGNATURE} expects float32 RGB images of shape (batch, "
         "height, width, 3) with values in [0, 1]"
     )
-    shape_ok = tf.logical_and(
-        tf.equal(tf.size(shape), 4),
-        tf.reduce_all(tf.equal(tf.gather(tf.pad(shape, [[0, 4]]), [3]), 3)),
-    )
+    # Padded, so that a lower rank cannot index past the end of `shape`.
+    channels = tf.pad(shape, [[0, 4]])[3]
+    shape_ok = tf.logical_and(tf.equal(tf.size(shape), 4), channels == 3)
     check = tf.debugging.Assert(
         shape_ok,
         [
@@ -404,7 +403,9 @@ def _prune_exports(base_dir: str, keep: int) -> None:
         tf.io.gfile.rmtree(os.path.join(base_dir, str(step)))
 
 
-def export_run(config: config_lib.Config, model: keras.Model, info, step):
+def export_run(
+    config: config_lib.Config, model: keras.Model, info: Any, step: int
+) -> str:
     """Exports at the end of training into `<model_dir>/saved_model/<step>`.
 
     Replaces an export of the same step and keeps the newest
