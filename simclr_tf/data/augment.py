@@ -25,7 +25,6 @@ CROP_PROPORTION = 0.875
 COLOR_JITTER_PROB = 0.8
 GRAYSCALE_PROB = 0.2
 BLUR_PROB = 0.5
-FLIP_PROB = 0.5
 BLUR_SIGMA_RANGE = (0.1, 2.0)
 # Crop: the sampled box must cover >= 10% of the image (reference
 # `min_object_covered=0.1`), so areas below 0.1 are never returned.
@@ -35,8 +34,6 @@ CROP_MAX_ATTEMPTS = 100
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 # TF's `rgb_to_grayscale` luma weights (ITU-R BT.601).
 LUMA_WEIGHTS = (0.2989, 0.5870, 0.1140)
-
-Seed = tf.Tensor
 
 
 def random_seed() -> tf.Tensor:
