@@ -87,7 +87,9 @@ def test_two_workers_equal_one_replica(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     env = dict(
         os.environ,
-        PYTHONPATH=str(repo),
+        PYTHONPATH=os.pathsep.join(
+            [str(repo), *filter(None, [os.environ.get("PYTHONPATH")])]
+        ),
         TF_CPP_MIN_LOG_LEVEL="2",
         CUDA_VISIBLE_DEVICES="",
     )
