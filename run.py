@@ -38,12 +38,17 @@ def main(argv: list[str]) -> None:
             "for checkpoints, logs and results.\n"
         )
         sys.exit(2)
-    cli.write_run_files(config)
+    cli.write_flags_file(config.train.model_dir)
     # Imported here so that flag errors and --helpfull need no TensorFlow.
     from simclr_tf import experiment
 
     logging.info("Flags used:\n%s", cli.flags_file_text())
-    experiment.run(config)
+    try:
+        experiment.run(config)
+    except ConfigError as e:
+        # A user error found once data or checkpoints are read: one line.
+        sys.stderr.write(f"run.py: error: {e}\n")
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ also a field of `simclr_tf.config.Config`, which `config_from_flags` fills.
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import flags
@@ -311,12 +310,9 @@ def flags_file_text() -> str:
     return "".join(line + "\n" for line in lines if line)
 
 
-def write_run_files(config: config_lib.Config) -> None:
-    """Writes `flags.cfg` and `config.json` into `config.train.model_dir`."""
-    model_dir = config.train.model_dir
+def write_flags_file(model_dir: str) -> None:
+    """Writes the run's flags to `model_dir/flags.cfg` (replayable with
+    `--flagfile`)."""
     os.makedirs(model_dir, exist_ok=True)
     with open(os.path.join(model_dir, "flags.cfg"), "w") as f:
         f.write(flags_file_text())
-    with open(os.path.join(model_dir, "config.json"), "w") as f:
-        json.dump(config_lib.to_flat(config), f, indent=2, sort_keys=True)
-        f.write("\n")

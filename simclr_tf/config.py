@@ -9,7 +9,9 @@ TensorFlow: configs are validated before any TensorFlow work starts.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from typing import Any
 
 MODES = ("train", "eval", "train_then_eval")
@@ -188,6 +190,17 @@ def to_flat(config: Config) -> dict[str, Any]:
     for name in GROUPS:
         flat.update(dataclasses.asdict(getattr(config, name)))
     return flat
+
+
+def write_json(config: Config, model_dir: str) -> str:
+    """Writes the resolved config to `model_dir/config.json`; returns the
+    path. Checkpoint compatibility checks and exports read it back."""
+    os.makedirs(model_dir, exist_ok=True)
+    path = os.path.join(model_dir, "config.json")
+    with open(path, "w") as f:
+        json.dump(to_flat(config), f, indent=2, sort_keys=True)
+        f.write("\n")
+    return path
 
 
 # --------------------------------------------------------------------------

@@ -109,6 +109,8 @@ def run(config: config_lib.Config) -> dict[str, float] | None:
     info = input_pipeline.get_dataset_info(config.data)
     model, optimizer = build_model_and_optimizer(config, strategy, info)
     chief = distribute.is_chief(strategy)
+    if chief:
+        config_lib.write_json(config, config.train.model_dir)
     writer = (
         tf.summary.create_file_writer(config.train.model_dir) if chief else None
     )

@@ -1,6 +1,7 @@
 """Tests of the command line: flags, recipes, flags.cfg replay, layering."""
 
 import ast
+import json
 import pathlib
 import subprocess
 import sys
@@ -153,12 +154,14 @@ def test_flags_file_replays_to_equal_config(tmp_path):
         "--nohidden_norm",
         "--checkpoint=/some/ckpt",
     )
-    cli.write_run_files(config)
+    cli.write_flags_file(config.train.model_dir)
+    config_lib.write_json(config, config.train.model_dir)
     replayed = _parse(f"--flagfile={tmp_path / 'flags.cfg'}")
     assert replayed == config
     assert replayed.loss.temperature == 0.25
     assert replayed.loss.hidden_norm is False
-    assert (tmp_path / "config.json").read_text().count('"temperature"') == 1
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert config_lib.from_flat(written) == config
 
 
 def test_layering_only_cli_touches_absl_flags():
@@ -225,3 +228,14 @@ def test_missing_model_dir_is_a_clear_error():
     result = _run_py("--flagfile=flags/smoke.cfg")
     assert result.returncode == 2
     assert "model_dir=None" in result.stderr
+
+
+def test_data_error_after_parsing_is_one_line(tmp_path):
+    result = _run_py(
+        "--flagfile=flags/smoke.cfg",
+        f"--model_dir={tmp_path}",
+        f"--dataset=folder:{tmp_path / 'no_such_folder'}",
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "no_such_folder" in result.stderr
+    assert "Traceback" not in result.stderr

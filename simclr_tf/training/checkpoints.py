@@ -30,7 +30,7 @@ ARCHITECTURE_FIELDS = (
 )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(config_lib.ConfigError):
     """`--checkpoint` is missing or does not fit the model."""
 
 

@@ -108,6 +108,7 @@ def make_replica_step(
         def loss_fn(outputs):
             return compute_losses(outputs, labels, model, config, ctx)
 
+        loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         if chunk:
             # Batch-norm statistics are then per chunk of `chunk` images.
             (total, metrics), grads = grad_cache.grad_cache_gradients(
@@ -116,7 +117,11 @@ def make_replica_step(
                 loss_fn,
                 chunk_size=chunk,
                 variables=variables,
-                loss_scale=1.0 / replicas,
+                loss_scale=(
+                    optimizer.scale_loss(1.0 / replicas)
+                    if loss_scaled
+                    else 1.0 / replicas
+                ),
                 output_keys=output_keys,
             )
         else:
@@ -124,10 +129,16 @@ def make_replica_step(
                 outputs = model(images, training=True)
                 total, metrics = loss_fn(outputs)
                 scaled = total / replicas
-                if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+                if loss_scaled:
                     scaled = optimizer.scale_loss(scaled)
             grads = tape.gradient(scaled, variables)
-        optimizer.apply_gradients(zip(grads, variables, strict=True))
+        # Parts the loss does not use (the projection head when fine-tuning
+        # from its input) have no gradient.
+        optimizer.apply_gradients(
+            (g, v)
+            for g, v in zip(grads, variables, strict=True)
+            if g is not None
+        )
         return metrics
 
     return step

@@ -62,15 +62,24 @@ def _write_summaries(ctx: TrainContext, step: int, metrics, lr) -> None:
         tf.summary.scalar("learning_rate", lr)
 
 
-def _write_augmentation_summary(ctx: TrainContext, dataset) -> None:
-    """Logs what the model sees: a grid of the first batch's views."""
+def _write_augmentation_summary(
+    ctx: TrainContext, data: config_lib.DataConfig, pretrain: bool
+) -> None:
+    """Logs what the model sees: a grid of training views of 8 images.
+
+    It reads its own small pipeline: a second iterator over the training
+    dataset would advance its seeded reshuffling and change the stream.
+    """
     if ctx.writer is None:
         return
+    dataset = input_pipeline.build_dataset(
+        data, batch_size=8, is_training=True, pretrain=pretrain
+    )
     images, _ = next(iter(dataset))
-    images = ctx.strategy.experimental_local_results(images)[0]
-    grid = augment.augmentation_grid(images[:8])
     with ctx.writer.as_default(step=0):
-        tf.summary.image("train/augmented_views", grid)
+        tf.summary.image(
+            "train/augmented_views", augment.augmentation_grid(images)
+        )
 
 
 def _current_lr(optimizer) -> float:
@@ -109,9 +118,11 @@ def train(config: config_lib.Config, ctx: TrainContext) -> int:
         global_batch_size=tc.train_batch_size,
         is_training=True,
         pretrain=pretrain,
+        # With a fixed seed, a resumed run replays the same stream.
+        start_batch=step if config.data.seed is not None else 0,
     )
     if step == 0:
-        _write_augmentation_summary(ctx, dataset)
+        _write_augmentation_summary(ctx, config.data, pretrain)
     iterator = iter(dataset)
     names = step_lib.metric_names(config, ctx.model.supervised_head is not None)
     loop = step_lib.make_train_loop(
