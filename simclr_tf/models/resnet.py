@@ -112,7 +112,8 @@ class Conv2DFixedPadding(keras.layers.Conv2D):
 
     With stride 1 this is a SAME conv. With stride s > 1 the input is padded
     by `k - 1` in total, `(k - 1) // 2` before (reference `FixedPadding`),
-    so the result does not depend on the parity of the input size.
+    whatever the input size (TF's SAME pads (0, 1) for an even input and a
+    3x3 stride-2 conv, shifting the sampling grid).
 
     Args:
       filters: output channels.
