@@ -158,10 +158,10 @@ info["errors"] = {
 }
 
 # TF Serving REST, as the README's curl request sends it: the server
-# base64-decodes {"b64": ...} into the string input of the signature.
+# base64-decodes {"b64": ...} into the named string input of the signature.
 body = json.loads(inp["rest_body"].tobytes())
 assert body["signature_name"] == "serving_default"
-feed = [base64.b64decode(i["b64"]) for i in body["instances"]]
+feed = [base64.b64decode(i["image_bytes"]["b64"]) for i in body["instances"]]
 save("rest", serve(image_bytes=tf.constant(feed)))
 # TF Serving gRPC: the PredictRequest of the README, when the API is here.
 try:
@@ -242,7 +242,10 @@ def consumer(run):
     rest_body = json.dumps(
         {
             "signature_name": "serving_default",
-            "instances": [{"b64": base64.b64encode(p).decode()} for p in pngs],
+            "instances": [
+                {"image_bytes": {"b64": base64.b64encode(p).decode()}}
+                for p in pngs
+            ],
         }
     )
     inputs = dict(
