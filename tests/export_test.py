@@ -105,8 +105,7 @@ def run(tmp_path_factory):
         )
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
     tf.train.CheckpointManager(checkpoint, model_dir, 1).save(STEP)
-    with open(os.path.join(model_dir, "config.json"), "w") as f:
-        json.dump(config_lib.to_flat(config), f)
+    config_lib.write_json(config, model_dir)
     export_dir = str(root / "export")
     _run(
         [
@@ -483,8 +482,7 @@ def test_num_classes_in_checkpoint_without_supervised_head(tmp_path):
 def test_export_checkpoint_needs_a_run_directory(tmp_path):
     with pytest.raises(export.ExportError, match="has no config.json"):
         export.export_checkpoint(str(tmp_path))
-    with open(tmp_path / "config.json", "w") as f:
-        json.dump(config_lib.to_flat(_config(str(tmp_path))), f)
+    config_lib.write_json(_config(str(tmp_path)), str(tmp_path))
     with pytest.raises(export.ExportError, match="has no checkpoint"):
         export.export_checkpoint(str(tmp_path))
 
