@@ -48,5 +48,6 @@ setup(
         "test": TEST + QUICKSTART,
         "quickstart": QUICKSTART,
         "hub": HUB,
+        "serving": ["tensorflow-serving-api>=2.16,<2.22"],
     },
 )

@@ -42,7 +42,7 @@ from tensorflow.core.protobuf import trackable_object_graph_pb2
 import simclr_tf
 from simclr_tf import config as config_lib
 from simclr_tf.data import augment
-from simclr_tf.models import factory
+from simclr_tf.models import factory, resnet
 
 SERVING_SIGNATURE = "serving_default"
 IMAGES_SIGNATURE = "serving_images"
@@ -52,13 +52,7 @@ METADATA_FILENAME = "simclr_metadata.json"
 TOP_K = 5
 # Endpoints of the hub callable, in the order of the reference hub modules.
 HUB_ENDPOINTS = (
-    "initial_conv",
-    "initial_max_pool",
-    "block_group1",
-    "block_group2",
-    "block_group3",
-    "block_group4",
-    "final_avg_pool",
+    *resnet.ENDPOINTS,
     "proj_head_input",
     "proj_head_output",
     "logits_sup",
