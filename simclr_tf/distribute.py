@@ -73,9 +73,16 @@ def build_strategy(runtime: RuntimeConfig) -> tf.distribute.Strategy:
         strategy = tf.distribute.MirroredStrategy()
     else:
         strategy = tf.distribute.OneDeviceStrategy("/CPU:0")
+    # The public name: MultiWorkerMirroredStrategy is an alias of the
+    # class CollectiveAllReduceStrategy.
+    name = (
+        "MultiWorkerMirroredStrategy"
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        else type(strategy).__name__
+    )
     logging.info(
         "Strategy %s with %d replica(s).",
-        type(strategy).__name__,
+        name,
         strategy.num_replicas_in_sync,
     )
     return strategy
