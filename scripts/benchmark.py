@@ -1,0 +1,448 @@
+"""Training throughput of the engine's real step, against the CPU's limit.
+
+Usage:
+  python scripts/benchmark.py                  # the default matrix
+  python scripts/benchmark.py --configs=bf16 --batch_size=256 --steps=6
+  python scripts/benchmark.py --configs=custom --mixed_precision=bfloat16 \
+      --jit_compile --input_pipeline=off --onednn=off --replicas=2
+
+Each configuration runs in a fresh Python process (so peak RSS and tracing
+time are its own) and:
+
+1. measures a dense float32 matmul's FLOP/s (2048 x 2048, best of a few
+   seconds) just before and just after training: the machine is shared, so
+   the achieved FLOP/s is reported as a fraction of this same-process,
+   same-minute figure, never against a number taken at another time;
+2. counts the model's forward FLOPs per two-view image from the graph of a
+   concrete function (TF profiler `float_ops`: Conv2D, MatMul, BiasAdd and
+   elementwise ops, 2 FLOPs per multiply-add); training FLOPs are forward
+   x 3 (the backward pass computes two products per forward product);
+3. builds the model and optimizer with `experiment.build_model_and_optimizer`
+   and trains with the engine's own `step.make_replica_step` and
+   `step.make_train_loop`, on synthetic data: an in-memory dataset of random
+   uint8 32x32 images that goes through the real training augmentation
+   (the pipeline's traced view function, two views, `AUTOTUNE` parallel
+   map, batch, prefetch), so the augmentation costs what it costs in a run
+   but no disk is read. `--input_pipeline=off` feeds one fixed batch of
+   views instead, which leaves only the compute;
+4. reports the time of the first call (one step: tracing + first
+   execution), then, after `--warmup_steps` more, the median images/s over
+   `--steps` timed steps (`--steps_per_loop` steps per call); the peak RSS
+   (`ru_maxrss`) and the 1-minute load average at start and end.
+
+The parent prints one JSON line per configuration and a table at the end
+(`--json_out` also writes them to a file). An image is one two-view
+training example.
+
+Configurations (`--configs`, comma-separated): `float32`, `bf16`
+(`--mixed_precision=bfloat16`), `xla` (float32 + `--jit_compile`),
+`bf16_xla`, `float32_nopipe`, `bf16_nopipe` (input pipeline off), and
+`custom` (exactly the flags given).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+_CONFIGS = flags.DEFINE_list(
+    "configs",
+    ["float32", "bf16", "xla", "float32_nopipe"],
+    "Configurations to run, each in a fresh process (see the docstring).",
+)
+_BATCH = flags.DEFINE_integer("batch_size", 256, "Global images per step.")
+_DEPTH = flags.DEFINE_integer("depth", 18, "ResNet depth.")
+_WIDTH = flags.DEFINE_integer("width_multiplier", 1, "ResNet width.")
+_IMAGE = flags.DEFINE_integer("image_size", 32, "Image side in pixels.")
+_REPLICAS = flags.DEFINE_integer(
+    "replicas", 0, "Split the CPU into this many logical devices (0: one)."
+)
+_JIT = flags.DEFINE_bool("jit_compile", False, "custom: XLA-compile the step.")
+_MIXED = flags.DEFINE_enum(
+    "mixed_precision",
+    "none",
+    ["none", "bfloat16"],
+    "custom: compute dtype policy.",
+)
+_ONEDNN = flags.DEFINE_enum(
+    "onednn", "on", ["on", "off"], "TF_ENABLE_ONEDNN_OPTS in each process."
+)
+_PIPELINE = flags.DEFINE_enum(
+    "input_pipeline",
+    "on",
+    ["on", "off"],
+    "custom: off feeds one fixed batch (compute only).",
+)
+_STEPS = flags.DEFINE_integer("steps", 6, "Timed steps per configuration.")
+_WARMUP = flags.DEFINE_integer(
+    "warmup_steps", 1, "Untimed steps after the first (traced) one."
+)
+_STEPS_PER_LOOP = flags.DEFINE_integer(
+    "steps_per_loop", 1, "Steps per tf.function call (one timing sample)."
+)
+_NUM_IMAGES = flags.DEFINE_integer(
+    "num_images", 2048, "Random uint8 images in the in-memory dataset."
+)
+_MATMUL_SECONDS = flags.DEFINE_float(
+    "matmul_seconds", 2.0, "Time spent on each matmul measurement."
+)
+_MATMUL_N = flags.DEFINE_integer("matmul_n", 2048, "Matmul side.")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Also write JSON here.")
+_WORKER = flags.DEFINE_string(
+    "worker", None, "Internal: run this configuration in this process."
+)
+
+GIB = 2.0**30
+
+# name -> (mixed_precision, jit_compile, input_pipeline)
+PRESETS = {
+    "float32": ("none", False, "on"),
+    "bf16": ("bfloat16", False, "on"),
+    "xla": ("none", True, "on"),
+    "bf16_xla": ("bfloat16", True, "on"),
+    "float32_nopipe": ("none", False, "off"),
+    "bf16_nopipe": ("bfloat16", False, "off"),
+}
+
+
+def matmul_flops_per_s(n: int = 2048, seconds: float = 2.0) -> float:
+    """Dense float32 matmul throughput of this process, in FLOP/s.
+
+    Runs chained `n x n` matmuls (2 n^3 FLOPs each) in a `tf.function`
+    for about `seconds` and returns the best of the timed calls: a
+    shared machine only ever slows a call down.
+
+    Args:
+      n: matrix side.
+      seconds: approximate time to spend.
+
+    Returns:
+      FLOP/s of the fastest call.
+    """
+    import tensorflow as tf
+
+    a = tf.random.uniform((n, n), dtype=tf.float32)
+    b = tf.random.uniform((n, n), dtype=tf.float32) / n
+    reps = 4
+
+    @tf.function
+    def run(x):
+        for _ in range(reps):
+            x = tf.matmul(x, b)
+        return tf.reduce_sum(x)
+
+    run(a).numpy()  # Trace and warm up.
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    while True:
+        start = time.perf_counter()
+        run(a).numpy()
+        best = min(best, time.perf_counter() - start)
+        if time.perf_counter() > deadline:
+            break
+    return 2.0 * n**3 * reps / best
+
+
+def count_graph_flops(fn, *specs) -> int:
+    """FLOPs of one call of `fn`, counted on its traced graph.
+
+    Uses the TF profiler's registered per-op statistics (Conv2D and MatMul
+    count 2 per multiply-add; BiasAdd, Add, Mul, ... one per element).
+    Ops without a registered count (batch norm, pooling, ...) add nothing.
+
+    Args:
+      fn: a Python callable of tensors.
+      *specs: `tf.TensorSpec`s of its arguments, fully defined.
+
+    Returns:
+      The total float operations of the graph.
+    """
+    import tensorflow as tf
+
+    concrete = tf.function(fn).get_concrete_function(*specs)
+    opts = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    opts["output"] = "none"
+    info = tf.compat.v1.profiler.profile(
+        graph=concrete.graph, run_meta=None, cmd="op", options=opts
+    )
+    return int(info.total_float_ops)
+
+
+def _config(preset: tuple[str, bool, str]):
+    from simclr_tf import config as config_lib
+
+    mixed, jit, _ = preset
+    return config_lib.from_flat(
+        dict(
+            # flags/cifar10_pretrain.cfg, at the benchmark's batch size.
+            train_mode="pretrain",
+            lineareval_while_pretraining=True,
+            image_size=_IMAGE.value,
+            resnet_depth=_DEPTH.value,
+            width_multiplier=_WIDTH.value,
+            train_batch_size=_BATCH.value,
+            train_steps=10**6,
+            learning_rate=1.0,
+            weight_decay=1e-4,
+            temperature=0.5,
+            use_blur=False,
+            color_jitter_strength=0.5,
+            mixed_precision=mixed,
+            jit_compile=jit,
+            cpu_replicas=_REPLICAS.value,
+            steps_per_loop=_STEPS_PER_LOOP.value,
+            seed=0,
+        )
+    )
+
+
+def _dataset(config, strategy, pipeline: bool, num_classes: int):
+    """The distributed (views, one-hot labels) dataset of the benchmark."""
+    import numpy as np
+    import tensorflow as tf
+
+    from simclr_tf.data import augment, input_pipeline
+
+    size = config.data.image_size
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (_NUM_IMAGES.value, size, size, 3), np.uint8)
+    labels = rng.integers(0, num_classes, (_NUM_IMAGES.value,), np.int32)
+    kwargs = input_pipeline.train_view_kwargs(config.data, pretrain=True)
+    view = input_pipeline._train_view_fn(size, tuple(sorted(kwargs.items())))
+    global_batch = config.train.train_batch_size
+
+    def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+        batch = ctx.get_per_replica_batch_size(global_batch)
+        ds = tf.data.Dataset.from_tensor_slices((images, labels)).repeat()
+        ds = ds.enumerate()
+
+        def preprocess(index, example):
+            image, label = example
+            seed = tf.stack(
+                [index, tf.constant(ctx.input_pipeline_id, tf.int64)]
+            )
+            views = [view(image, s) for s in augment.split_seed(seed, 2)]
+            return tf.concat(views, -1), tf.one_hot(label, num_classes)
+
+        if pipeline:
+            ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+            ds = ds.batch(batch, drop_remainder=True)
+        else:
+            fixed = next(
+                iter(ds.map(preprocess).batch(batch, drop_remainder=True))
+            )
+            ds = tf.data.Dataset.from_tensors(fixed).repeat()
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+    return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def run_worker(name: str, preset: tuple[str, bool, str]) -> dict:
+    """Measures one configuration in this (fresh) process.
+
+    Args:
+      name: the configuration's name, echoed in the result.
+      preset: (mixed_precision, jit_compile, input_pipeline).
+
+    Returns:
+      The measurements as a JSON-able dict.
+    """
+    load_start = os.getloadavg()[0]
+    import tensorflow as tf
+
+    from simclr_tf import distribute, experiment
+    from simclr_tf.data import input_pipeline
+    from simclr_tf.training import step as step_lib
+
+    num_classes = 10
+    config = _config(preset)
+    strategy = distribute.build_strategy(config.runtime)
+    matmul_before = matmul_flops_per_s(_MATMUL_N.value, _MATMUL_SECONDS.value)
+    info = input_pipeline.DatasetInfo(
+        num_train_examples=_NUM_IMAGES.value,
+        num_eval_examples=0,
+        num_classes=num_classes,
+    )
+    model, optimizer = experiment.build_model_and_optimizer(
+        config, strategy, info
+    )
+    size = config.data.image_size
+    forward = count_graph_flops(
+        lambda x: model(x, training=False),
+        tf.TensorSpec((1, size, size, 6), tf.float32),
+    )
+    train_flops = 3 * forward  # Per two-view image: forward + backward.
+    dataset = _dataset(config, strategy, preset[2] == "on", num_classes)
+    iterator = iter(dataset)
+    names = step_lib.metric_names(config, model.supervised_head is not None)
+    loop = step_lib.make_train_loop(
+        strategy,
+        step_lib.make_replica_step(model, optimizer, config),
+        names,
+        jit_compile=config.runtime.jit_compile,
+    )
+    start = time.perf_counter()
+    first = loop(iterator, tf.constant(1, tf.int32))
+    loss_first = float(first["total_loss"])
+    first_step_s = time.perf_counter() - start
+    per_loop = _STEPS_PER_LOOP.value
+    n = tf.constant(per_loop, tf.int32)
+    for _ in range(-(-_WARMUP.value // per_loop)):
+        float(loop(iterator, n)["total_loss"])
+    rates = []
+    for _ in range(max(1, _STEPS.value // per_loop)):
+        start = time.perf_counter()
+        metrics = loop(iterator, n)
+        loss = float(metrics["total_loss"])
+        rates.append(
+            per_loop
+            * config.train.train_batch_size
+            / (time.perf_counter() - start)
+        )
+    matmul_after = matmul_flops_per_s(_MATMUL_N.value, _MATMUL_SECONDS.value)
+    images_per_s = statistics.median(rates)
+    matmul = (matmul_before + matmul_after) / 2
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+    return dict(
+        config=name,
+        mixed_precision=preset[0],
+        jit_compile=preset[1],
+        input_pipeline=preset[2],
+        onednn=os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") != "0",
+        batch=config.train.train_batch_size,
+        depth=config.model.resnet_depth,
+        image_size=size,
+        replicas=strategy.num_replicas_in_sync,
+        images_per_s=round(images_per_s, 2),
+        images_per_s_samples=[round(r, 2) for r in rates],
+        first_step_s=round(first_step_s, 1),
+        peak_rss_gib=round(peak, 2),
+        forward_gflops_per_image=round(forward / 1e9, 3),
+        train_gflops_per_image=round(train_flops / 1e9, 3),
+        achieved_gflops_per_s=round(images_per_s * train_flops / 1e9, 1),
+        matmul_gflops_per_s=round(matmul / 1e9, 1),
+        matmul_gflops_per_s_before_after=[
+            round(matmul_before / 1e9, 1),
+            round(matmul_after / 1e9, 1),
+        ],
+        fraction_of_matmul=round(images_per_s * train_flops / matmul, 3),
+        loss_first=round(loss_first, 4),
+        loss_last=round(loss, 4),
+        load_avg_1min_start_end=[
+            round(load_start, 2),
+            round(os.getloadavg()[0], 2),
+        ],
+    )
+
+
+def _preset(name: str) -> tuple[str, bool, str]:
+    if name == "custom":
+        return (_MIXED.value, _JIT.value, _PIPELINE.value)
+    if name not in PRESETS:
+        raise app.UsageError(
+            f"Received: --configs={name}. Use one of "
+            f"{', '.join([*PRESETS, 'custom'])}."
+        )
+    return PRESETS[name]
+
+
+def _run_child(name: str) -> dict:
+    passed = [
+        f"--{flag}={getattr(flags.FLAGS, flag)}"
+        for flag in (
+            "batch_size",
+            "depth",
+            "width_multiplier",
+            "image_size",
+            "replicas",
+            "jit_compile",
+            "mixed_precision",
+            "input_pipeline",
+            "steps",
+            "warmup_steps",
+            "steps_per_loop",
+            "num_images",
+            "matmul_seconds",
+            "matmul_n",
+        )
+    ]
+    args = [sys.executable, os.path.abspath(__file__), f"--worker={name}"]
+    env = dict(
+        os.environ,
+        TF_CPP_MIN_LOG_LEVEL="2",
+        TF_ENABLE_ONEDNN_OPTS="1" if _ONEDNN.value == "on" else "0",
+    )
+    proc = subprocess.run(
+        args + passed, capture_output=True, text=True, env=env, check=False
+    )
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"Configuration {name} failed ({proc.returncode}):\n"
+            f"{proc.stderr[-3000:]}"
+        )
+    return json.loads(lines[-1])
+
+
+TABLE_COLUMNS = (
+    ("config", "config", "{}"),
+    ("images/s", "images_per_s", "{:.1f}"),
+    ("first step s", "first_step_s", "{:.1f}"),
+    ("peak RSS GiB", "peak_rss_gib", "{:.2f}"),
+    ("GFLOPs/image", "train_gflops_per_image", "{:.2f}"),
+    ("GFLOP/s", "achieved_gflops_per_s", "{:.0f}"),
+    ("matmul GFLOP/s", "matmul_gflops_per_s", "{:.0f}"),
+    ("of matmul", "fraction_of_matmul", "{:.0%}"),
+    ("load avg", "load_avg_1min_start_end", "{0[0]:.1f}-{0[1]:.1f}"),
+)
+
+
+def format_table(results: list[dict]) -> str:
+    """A Markdown table of the results, one row per configuration."""
+    head = "| " + " | ".join(c[0] for c in TABLE_COLUMNS) + " |"
+    rule = "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"
+    rows = [
+        "| "
+        + " | ".join(fmt.format(r[key]) for _, key, fmt in TABLE_COLUMNS)
+        + " |"
+        for r in results
+    ]
+    return "\n".join([head, rule, *rows])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if _WORKER.value is not None:
+        result = run_worker(_WORKER.value, _preset(_WORKER.value))
+        print(json.dumps(result), flush=True)
+        return
+    presets = {name: _preset(name) for name in _CONFIGS.value}
+    print(
+        f"ResNet-{_DEPTH.value} x{_WIDTH.value}, {_IMAGE.value}x"
+        f"{_IMAGE.value}, batch {_BATCH.value} (two views each), "
+        f"oneDNN {_ONEDNN.value}, {os.cpu_count()} CPUs",
+        flush=True,
+    )
+    results = []
+    for name in presets:
+        result = _run_child(name)
+        print(json.dumps(result), flush=True)
+        results.append(result)
+    print(format_table(results))
+    if _JSON_OUT.value:
+        with open(_JSON_OUT.value, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)
