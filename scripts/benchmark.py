@@ -54,53 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-_CONFIGS = flags.DEFINE_list(
-    "configs",
-    ["float32", "bf16", "xla", "float32_nopipe"],
-    "Configurations to run, each in a fresh process (see the docstring).",
-)
-_BATCH = flags.DEFINE_integer("batch_size", 256, "Global images per step.")
-_DEPTH = flags.DEFINE_integer("depth", 18, "ResNet depth.")
-_WIDTH = flags.DEFINE_integer("width_multiplier", 1, "ResNet width.")
-_IMAGE = flags.DEFINE_integer("image_size", 32, "Image side in pixels.")
-_REPLICAS = flags.DEFINE_integer(
-    "replicas", 0, "Split the CPU into this many logical devices (0: one)."
-)
-_JIT = flags.DEFINE_bool("jit_compile", False, "custom: XLA-compile the step.")
-_MIXED = flags.DEFINE_enum(
-    "mixed_precision",
-    "none",
-    ["none", "bfloat16"],
-    "custom: compute dtype policy.",
-)
-_ONEDNN = flags.DEFINE_enum(
-    "onednn", "on", ["on", "off"], "TF_ENABLE_ONEDNN_OPTS in each process."
-)
-_PIPELINE = flags.DEFINE_enum(
-    "input_pipeline",
-    "on",
-    ["on", "off"],
-    "custom: off feeds one fixed batch (compute only).",
-)
-_STEPS = flags.DEFINE_integer("steps", 6, "Timed steps per configuration.")
-_WARMUP = flags.DEFINE_integer(
-    "warmup_steps", 1, "Untimed steps after the first (traced) one."
-)
-_STEPS_PER_LOOP = flags.DEFINE_integer(
-    "steps_per_loop", 1, "Steps per tf.function call (one timing sample)."
-)
-_NUM_IMAGES = flags.DEFINE_integer(
-    "num_images", 2048, "Random uint8 images in the in-memory dataset."
-)
-_MATMUL_SECONDS = flags.DEFINE_float(
-    "matmul_seconds", 2.0, "Time spent on each matmul measurement."
-)
-_MATMUL_N = flags.DEFINE_integer("matmul_n", 2048, "Matmul side.")
-_JSON_OUT = flags.DEFINE_string("json_out", None, "Also write JSON here.")
-_WORKER = flags.DEFINE_string(
-    "worker", None, "Internal: run this configuration in this process."
-)
-
+FLAGS = flags.FLAGS
 GIB = 2.0**30
 
 # name -> (mixed_precision, jit_compile, input_pipeline)
@@ -186,10 +140,10 @@ def _config(preset: tuple[str, bool, str]):
             # flags/cifar10_pretrain.cfg, at the benchmark's batch size.
             train_mode="pretrain",
             lineareval_while_pretraining=True,
-            image_size=_IMAGE.value,
-            resnet_depth=_DEPTH.value,
-            width_multiplier=_WIDTH.value,
-            train_batch_size=_BATCH.value,
+            image_size=FLAGS.image_size,
+            resnet_depth=FLAGS.depth,
+            width_multiplier=FLAGS.width_multiplier,
+            train_batch_size=FLAGS.batch_size,
             train_steps=10**6,
             learning_rate=1.0,
             weight_decay=1e-4,
@@ -198,8 +152,8 @@ def _config(preset: tuple[str, bool, str]):
             color_jitter_strength=0.5,
             mixed_precision=mixed,
             jit_compile=jit,
-            cpu_replicas=_REPLICAS.value,
-            steps_per_loop=_STEPS_PER_LOOP.value,
+            cpu_replicas=FLAGS.replicas,
+            steps_per_loop=FLAGS.steps_per_loop,
             seed=0,
         )
     )
@@ -214,8 +168,8 @@ def _dataset(config, strategy, pipeline: bool, num_classes: int):
 
     size = config.data.image_size
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (_NUM_IMAGES.value, size, size, 3), np.uint8)
-    labels = rng.integers(0, num_classes, (_NUM_IMAGES.value,), np.int32)
+    images = rng.integers(0, 256, (FLAGS.num_images, size, size, 3), np.uint8)
+    labels = rng.integers(0, num_classes, (FLAGS.num_images,), np.int32)
     kwargs = input_pipeline.train_view_kwargs(config.data, pretrain=True)
     view = input_pipeline._train_view_fn(size, tuple(sorted(kwargs.items())))
     global_batch = config.train.train_batch_size
@@ -266,9 +220,9 @@ def run_worker(name: str, preset: tuple[str, bool, str]) -> dict:
     num_classes = 10
     config = _config(preset)
     strategy = distribute.build_strategy(config.runtime)
-    matmul_before = matmul_flops_per_s(_MATMUL_N.value, _MATMUL_SECONDS.value)
+    matmul_before = matmul_flops_per_s(FLAGS.matmul_n, FLAGS.matmul_seconds)
     info = input_pipeline.DatasetInfo(
-        num_train_examples=_NUM_IMAGES.value,
+        num_train_examples=FLAGS.num_images,
         num_eval_examples=0,
         num_classes=num_classes,
     )
@@ -294,12 +248,12 @@ def run_worker(name: str, preset: tuple[str, bool, str]) -> dict:
     first = loop(iterator, tf.constant(1, tf.int32))
     loss_first = float(first["total_loss"])
     first_step_s = time.perf_counter() - start
-    per_loop = _STEPS_PER_LOOP.value
+    per_loop = FLAGS.steps_per_loop
     n = tf.constant(per_loop, tf.int32)
-    for _ in range(-(-_WARMUP.value // per_loop)):
+    for _ in range(-(-FLAGS.warmup_steps // per_loop)):
         float(loop(iterator, n)["total_loss"])
     rates = []
-    for _ in range(max(1, _STEPS.value // per_loop)):
+    for _ in range(max(1, FLAGS.steps // per_loop)):
         start = time.perf_counter()
         metrics = loop(iterator, n)
         loss = float(metrics["total_loss"])
@@ -308,7 +262,7 @@ def run_worker(name: str, preset: tuple[str, bool, str]) -> dict:
             * config.train.train_batch_size
             / (time.perf_counter() - start)
         )
-    matmul_after = matmul_flops_per_s(_MATMUL_N.value, _MATMUL_SECONDS.value)
+    matmul_after = matmul_flops_per_s(FLAGS.matmul_n, FLAGS.matmul_seconds)
     images_per_s = statistics.median(rates)
     matmul = (matmul_before + matmul_after) / 2
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
@@ -344,9 +298,60 @@ def run_worker(name: str, preset: tuple[str, bool, str]) -> dict:
     )
 
 
+def define_flags() -> None:
+    """Defines the script's flags (only when run as a script, so that the
+    measuring functions import without touching absl's global flags)."""
+    flags.DEFINE_list(
+        "configs",
+        ["float32", "bf16", "xla", "float32_nopipe"],
+        "Configurations to run, each in a fresh process (see the docstring).",
+    )
+    flags.DEFINE_integer("batch_size", 256, "Global images per step.")
+    flags.DEFINE_integer("depth", 18, "ResNet depth.")
+    flags.DEFINE_integer("width_multiplier", 1, "ResNet width.")
+    flags.DEFINE_integer("image_size", 32, "Image side in pixels.")
+    flags.DEFINE_integer(
+        "replicas", 0, "Split the CPU into this many logical devices (0: one)."
+    )
+    flags.DEFINE_bool("jit_compile", False, "custom: XLA-compile the step.")
+    flags.DEFINE_enum(
+        "mixed_precision",
+        "none",
+        ["none", "bfloat16"],
+        "custom: compute dtype policy.",
+    )
+    flags.DEFINE_enum(
+        "onednn", "on", ["on", "off"], "TF_ENABLE_ONEDNN_OPTS in each process."
+    )
+    flags.DEFINE_enum(
+        "input_pipeline",
+        "on",
+        ["on", "off"],
+        "custom: off feeds one fixed batch (compute only).",
+    )
+    flags.DEFINE_integer("steps", 6, "Timed steps per configuration.")
+    flags.DEFINE_integer(
+        "warmup_steps", 1, "Untimed steps after the first (traced) one."
+    )
+    flags.DEFINE_integer(
+        "steps_per_loop", 1, "Steps per tf.function call (one timing sample)."
+    )
+    flags.DEFINE_integer(
+        "num_images", 2048, "Random uint8 images in the in-memory dataset."
+    )
+    flags.DEFINE_float(
+        "matmul_seconds", 2.0, "Time spent on each matmul measurement."
+    )
+    flags.DEFINE_integer("matmul_n", 2048, "Matmul side.")
+    flags.DEFINE_string("json_out", None, "Also write JSON here.")
+    flags.DEFINE_string(
+        "worker", None, "Internal: run this configuration in this process."
+    )
+
+
 def _preset(name: str) -> tuple[str, bool, str]:
     if name == "custom":
-        return (_MIXED.value, _JIT.value, _PIPELINE.value)
+        return (FLAGS.mixed_precision, FLAGS.jit_compile, FLAGS.input_pipeline)
     if name not in PRESETS:
         raise app.UsageError(
             f"Received: --configs={name}. Use one of "
@@ -379,7 +384,7 @@ def _run_child(name: str) -> dict:
     env = dict(
         os.environ,
         TF_CPP_MIN_LOG_LEVEL="2",
-        TF_ENABLE_ONEDNN_OPTS="1" if _ONEDNN.value == "on" else "0",
+        TF_ENABLE_ONEDNN_OPTS="1" if FLAGS.onednn == "on" else "0",
     )
     proc = subprocess.run(
         args + passed, capture_output=True, text=True, env=env, check=False
@@ -422,15 +427,15 @@ def format_table(results: list[dict]) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if _WORKER.value is not None:
-        result = run_worker(_WORKER.value, _preset(_WORKER.value))
+    if FLAGS.worker is not None:
+        result = run_worker(FLAGS.worker, _preset(FLAGS.worker))
         print(json.dumps(result), flush=True)
         return
-    presets = {name: _preset(name) for name in _CONFIGS.value}
+    presets = {name: _preset(name) for name in FLAGS.configs}
     print(
-        f"ResNet-{_DEPTH.value} x{_WIDTH.value}, {_IMAGE.value}x"
-        f"{_IMAGE.value}, batch {_BATCH.value} (two views each), "
-        f"oneDNN {_ONEDNN.value}, {os.cpu_count()} CPUs",
+        f"ResNet-{FLAGS.depth} x{FLAGS.width_multiplier}, {FLAGS.image_size}x"
+        f"{FLAGS.image_size}, batch {FLAGS.batch_size} (two views each), "
+        f"oneDNN {FLAGS.onednn}, {os.cpu_count()} CPUs",
         flush=True,
     )
     results = []
@@ -439,10 +444,11 @@ def main(argv: list[str]) -> None:
         print(json.dumps(result), flush=True)
         results.append(result)
     print(format_table(results))
-    if _JSON_OUT.value:
-        with open(_JSON_OUT.value, "w") as f:
+    if FLAGS.json_out:
+        with open(FLAGS.json_out, "w") as f:
             json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

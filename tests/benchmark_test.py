@@ -1,0 +1,134 @@
+"""Tests of scripts/benchmark.py's pieces (not of any timing)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import pytest
+import tensorflow as tf
+
+from simclr_tf import config as config_lib
+from simclr_tf.models import factory
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "benchmark.py")
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+benchmark = _load_script()
+
+
+def test_count_graph_flops_tiny_conv_net():
+    # 3x3 conv, 8x8x3 -> 8x8x4 ('same', no bias), global sum, dense 4 -> 5.
+    conv = keras.layers.Conv2D(4, 3, padding="same", use_bias=False)
+    dense = keras.layers.Dense(5, use_bias=False)
+
+    def fn(x):
+        return dense(tf.reduce_mean(conv(x), axis=[1, 2]))
+
+    fn(tf.zeros((2, 8, 8, 3)))  # Build.
+    flops = benchmark.count_graph_flops(fn, tf.TensorSpec((2, 8, 8, 3)))
+    # 2 FLOPs per multiply-add. Conv: 2 images x 8x8 outputs x 4 filters x
+    # (3x3x3) taps; dense: 2 x 4 x 5. The mean over 2x8x8x4 elements:
+    # 64 - 1 adds + 1 divide per output (TF profiler's reduction count).
+    conv_flops = 2 * (2 * 8 * 8 * 4 * 3 * 3 * 3)
+    dense_flops = 2 * (2 * 4 * 5)
+    mean_flops = 2 * 4 * (8 * 8 - 1 + 1)
+    assert flops == conv_flops + dense_flops + mean_flops
+
+
+def _resnet18_cifar_macs(size: int) -> int:
+    """Multiply-adds of the conv layers of a CIFAR-stem ResNet-18, one view."""
+    macs = size * size * 9 * 3 * 64  # Stem: 3x3, 3 -> 64, stride 1.
+    cin = 64
+    for i, cout in enumerate((64, 128, 256, 512)):
+        s = size // 2**i  # Groups 2-4 halve the side in their first block.
+        for block in range(2):
+            macs += s * s * 9 * cin * cout  # conv1
+            macs += s * s * 9 * cout * cout  # conv2
+            if block == 0 and cin != cout:
+                macs += s * s * cin * cout  # 1x1 projection shortcut
+            cin = cout
+    return macs
+
+
+def test_resnet18_forward_flops_match_the_conv_count():
+    config = config_lib.from_flat(dict(resnet_depth=18, image_size=32))
+    keras.mixed_precision.set_global_policy("float32")
+    model = factory.build_model(config, num_classes=10)
+    flops = benchmark.count_graph_flops(
+        lambda x: model(x, training=False), tf.TensorSpec((1, 32, 32, 6))
+    )
+    convs = 2 * 2 * _resnet18_cifar_macs(32)  # 2 views, 2 FLOPs per MAC.
+    # About 1.11 GFLOPs of conv per view (FACTS.md: 1.12 GFLOPs forward);
+    # heads, bias and residual adds are the rest, about 1%.
+    assert convs == pytest.approx(2 * 1.112e9, rel=2e-3)
+    assert convs <= flops <= 1.02 * convs
+
+
+def test_matmul_flops_per_s_is_a_plausible_rate():
+    rate = benchmark.matmul_flops_per_s(n=256, seconds=0.2)
+    # Between 0.1 GFLOP/s (far slower than any CPU) and 100 TFLOP/s.
+    assert 1e8 < rate < 1e14
+
+
+def test_format_table_rows():
+    row = dict(
+        config="bf16",
+        images_per_s=88.04,
+        first_step_s=12.31,
+        peak_rss_gib=2.345,
+        train_gflops_per_image=6.73,
+        achieved_gflops_per_s=592.4,
+        matmul_gflops_per_s=470.2,
+        fraction_of_matmul=1.26,
+        load_avg_1min_start_end=[1.04, 2.5],
+    )
+    lines = benchmark.format_table([row]).splitlines()
+    assert lines[0].startswith("| config | images/s | first step s |")
+    assert lines[2] == (
+        "| bf16 | 88.0 | 12.3 | 2.35 | 6.73 | 592 | 470 | 126% | 1.0-2.5 |"
+    )
+
+
+@pytest.mark.slow
+def test_two_step_run_prints_json_and_table(tmp_path):
+    out = tmp_path / "results.json"
+    args = [
+        sys.executable,
+        SCRIPT,
+        "--configs=float32",
+        "--batch_size=4",
+        "--image_size=16",
+        "--steps=2",
+        "--warmup_steps=0",
+        "--num_images=8",
+        "--matmul_n=256",
+        "--matmul_seconds=0.1",
+        f"--json_out={out}",
+    ]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run(
+        args, capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (result,) = json.loads(out.read_text())
+    assert result["config"] == "float32" and result["batch"] == 4
+    assert len(result["images_per_s_samples"]) == 2
+    assert result["images_per_s"] > 0 and result["first_step_s"] > 0
+    # One view at 16x16 is a quarter of the convs at 32x32.
+    convs = 2 * 2 * _resnet18_cifar_macs(16)
+    assert convs <= result["forward_gflops_per_image"] * 1e9 <= 1.02 * convs
+    assert result["train_gflops_per_image"] == pytest.approx(
+        3 * result["forward_gflops_per_image"], rel=1e-3
+    )
+    assert "| float32 |" in proc.stdout
