@@ -192,6 +192,12 @@ flags.DEFINE_integer(
     "width_multiplier", 1, "ResNet width multiplier (1, 2, 3, ...)."
 )
 flags.DEFINE_integer(
+    "resnet_base_width",
+    64,
+    "Channels of the stem and block group 1 at width_multiplier 1 (block "
+    "groups: b, 2b, 4b, 8b); 64 is the reference ResNet, 32 half width.",
+)
+flags.DEFINE_integer(
     "resnet_depth", 50, "ResNet depth: 18, 34, 50, 101, 152 or 200."
 )
 flags.DEFINE_float(

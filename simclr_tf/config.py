@@ -56,6 +56,7 @@ class ModelConfig:
 
     resnet_depth: int = 50
     width_multiplier: int = 1
+    resnet_base_width: int = 64
     sk_ratio: float = 0.0
     se_ratio: float = 0.0
     batch_norm_decay: float = 0.9
@@ -284,6 +285,11 @@ def validate(config: Config) -> Config:
         f"{m.proj_head_mode} projection head has {n_hidden} layers. Use a "
         f"value in [{-(n_hidden + 1)}, {n_hidden}] (0 = encoder output, "
         "-1 = last head layer).",
+    )
+    _check(
+        m.resnet_base_width >= 2 and m.resnet_base_width % 2 == 0,
+        f"Received: resnet_base_width={m.resnet_base_width}. Use an even "
+        "number >= 2 (64 is the reference ResNet; 32 is half width).",
     )
     _check_positive(
         {

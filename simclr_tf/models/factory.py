@@ -59,6 +59,7 @@ def build_model(
         sk_ratio=m.sk_ratio,
         se_ratio=m.se_ratio,
         fine_tune_after_block=t.fine_tune_after_block if finetune else -1,
+        base_width=m.resnet_base_width,
         name="resnet",
         **bn,
     )

@@ -568,10 +568,11 @@ class BlockGroup(keras.layers.Layer):
 class Stem(keras.layers.Layer):
     """The input layers before block group 1 (SPEC.md §3).
 
-    CIFAR stem: 3x3 stride-1 conv (64m), BN-ReLU, no pooling. Otherwise a
-    7x7 stride-2 conv (64m) -- or, with `sk_ratio > 0`, the ResNet-D stem of
-    three 3x3 convs (32m stride 2, 32m, 64m, BN-ReLU between) -- then
-    BN-ReLU and a 3x3 stride-2 SAME max-pool.
+    CIFAR stem: 3x3 stride-1 conv (bm), BN-ReLU, no pooling. Otherwise a
+    7x7 stride-2 conv (bm) -- or, with `sk_ratio > 0`, the ResNet-D stem of
+    three 3x3 convs (bm/2 stride 2, bm/2, bm, BN-ReLU between) -- then
+    BN-ReLU and a 3x3 stride-2 SAME max-pool. b is the base width (64 in
+    the reference).
 
     Args:
       width_multiplier: m.
@@ -579,6 +580,7 @@ class Stem(keras.layers.Layer):
       sk_ratio: > 0 selects the ResNet-D stem (ignored by the CIFAR stem).
       batch_norm_decay: BN momentum.
       global_bn: synchronised BN.
+      base_width: b, the stem's output channels at m = 1 (reference 64).
       **kwargs: base layer arguments.
     """
 
@@ -589,6 +591,7 @@ class Stem(keras.layers.Layer):
         sk_ratio: float = 0.0,
         batch_norm_decay: float = 0.9,
         global_bn: bool = True,
+        base_width: int = 64,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -597,13 +600,14 @@ class Stem(keras.layers.Layer):
         self.sk_ratio = sk_ratio
         self.batch_norm_decay = batch_norm_decay
         self.global_bn = global_bn
-        m = width_multiplier
+        self.base_width = base_width
+        w = base_width * width_multiplier  # 64m in the reference.
         if cifar_stem:
-            specs = [(64 * m, 3, 1)]
+            specs = [(w, 3, 1)]
         elif sk_ratio > 0:
-            specs = [(32 * m, 3, 2), (32 * m, 3, 1), (64 * m, 3, 1)]
+            specs = [(w // 2, 3, 2), (w // 2, 3, 1), (w, 3, 1)]
         else:
-            specs = [(64 * m, 7, 2)]
+            specs = [(w, 7, 2)]
         self._conv_names = set_layer_attributes(
             self,
             [
@@ -622,7 +626,7 @@ class Stem(keras.layers.Layer):
         self.max_pool = None
         if not cifar_stem:
             self.max_pool = keras.layers.MaxPooling2D(3, 2, padding="same")
-        self.out_filters = 64 * m
+        self.out_filters = w
 
     @property
     def convs(self) -> list[Conv2DFixedPadding]:
@@ -658,6 +662,7 @@ class Stem(keras.layers.Layer):
             "sk_ratio": self.sk_ratio,
             "batch_norm_decay": self.batch_norm_decay,
             "global_bn": self.global_bn,
+            "base_width": self.base_width,
         }
 
 
@@ -677,13 +682,16 @@ class ResNet(keras.layers.Layer):
 
     Args:
       depth: 18, 34, 50, 101, 152 or 200.
-      width_multiplier: m; block widths are 64m, 128m, 256m, 512m.
+      width_multiplier: m; block widths are bm, 2bm, 4bm, 8bm (b = 64:
+        64m, 128m, 256m, 512m).
       cifar_stem: use the 3x3 stride-1 stem without max-pool.
       sk_ratio: > 0 turns on selective kernels and ResNet-D (SimCLRv2).
       se_ratio: > 0 turns on squeeze-excitation.
       batch_norm_decay: BN momentum.
       global_bn: synchronise BN statistics across replicas.
       fine_tune_after_block: -1 (train all) or k in 0..4 (freeze up to k).
+      base_width: b, the width of block group 1 at m = 1 (reference 64;
+        32 gives a half-width network).
       **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Raises:
@@ -700,6 +708,7 @@ class ResNet(keras.layers.Layer):
         batch_norm_decay: float = 0.9,
         global_bn: bool = True,
         fine_tune_after_block: int = -1,
+        base_width: int = 64,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -721,14 +730,20 @@ class ResNet(keras.layers.Layer):
         self.batch_norm_decay = batch_norm_decay
         self.global_bn = global_bn
         self.fine_tune_after_block = fine_tune_after_block
+        self.base_width = base_width
         bn_kwargs = dict(batch_norm_decay=batch_norm_decay, global_bn=global_bn)
         self.stem = Stem(
-            width_multiplier, cifar_stem, sk_ratio, name="stem", **bn_kwargs
+            width_multiplier,
+            cifar_stem,
+            sk_ratio,
+            base_width=base_width,
+            name="stem",
+            **bn_kwargs,
         )
         block_type, num_blocks = BLOCKS[depth]
         groups = [
             BlockGroup(
-                64 * width_multiplier * 2**i,
+                base_width * width_multiplier * 2**i,
                 block_type,
                 num_blocks[i],
                 strides=1 if i == 0 else 2,
@@ -788,4 +803,5 @@ class ResNet(keras.layers.Layer):
             "batch_norm_decay": self.batch_norm_decay,
             "global_bn": self.global_bn,
             "fine_tune_after_block": self.fine_tune_after_block,
+            "base_width": self.base_width,
         }

@@ -1,0 +1,278 @@
+"""Quickstart: SimCLR on real handwritten digits, offline, in minutes on a CPU.
+
+Usage:
+  python -m pip install -e ".[quickstart]" && python scripts/quickstart.py
+  python scripts/quickstart.py --workdir=/tmp/simclr_quickstart \
+      [--flagfile=flags/quickstart.cfg] [any run.py flag, e.g. --seed=1]
+
+Steps, all through the code path a user's image folder takes
+(`simclr_tf.experiment.run` on `--dataset=folder:<workdir>/digits`):
+
+1. Writes scikit-learn's `load_digits` (1,797 real 8x8 handwritten digits,
+   10 classes, shipped inside the scikit-learn wheel) as PNG files:
+   `<workdir>/digits/{train,test}/<class>/<index>.png`, a stratified
+   1,437 / 360 split.
+2. SimCLR pretraining on the train split (`flags/quickstart.cfg`), then
+   its kNN monitor and linear head on the test split, and the SavedModel
+   export (`<workdir>/pretrain/saved_model/<step>/`).
+3. Linear evaluation of the pretrained encoder: frozen encoder
+   (`--train_mode=finetune --fine_tune_after_block=4`), a linear head
+   trained from `--checkpoint=<workdir>/pretrain`, and the kNN monitor.
+4. The same linear evaluation and kNN for the same architecture with
+   random weights (no checkpoint): the baseline.
+5. Prints the report (accuracies side by side, runtime, where the
+   checkpoint, TensorBoard logs and SavedModel are) and writes PNG plots
+   with `scripts/plot_run.py` into `<workdir>/plots/`.
+
+Flags given on the command line apply to every stage; the linear-eval
+stages then override the flags in `LINEAR_EVAL` (see flags/quickstart.cfg
+for the equivalent run.py commands). An existing `<workdir>` is reused:
+finished stages are not rerun (delete it for a fresh run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+
+from absl import app, flags, logging  # noqa: E402
+
+from simclr_tf import cli  # noqa: E402
+from simclr_tf.config import ConfigError  # noqa: E402
+
+DEFAULT_RECIPE = os.path.join(REPO, "flags", "quickstart.cfg")
+DEFAULT_WORKDIR = "/tmp/simclr_quickstart"
+TEST_SIZE = 360  # 20 % of 1,797, stratified: 1,437 train / 360 test.
+SPLIT_SEED = 0
+
+_WORKDIR = flags.DEFINE_string(
+    "workdir",
+    DEFAULT_WORKDIR,
+    "Where the digits, the three runs and the plots are written.",
+)
+
+# Stage overrides of the recipe: linear evaluation of a frozen encoder
+# (the reference CIFAR-10 linear-eval recipe, flags/cifar10_lineareval.cfg,
+# with the quickstart's length and batch).
+LINEAR_EVAL = {
+    "train_mode": "finetune",
+    "fine_tune_after_block": 4,
+    "zero_init_logits_layer": True,
+    "global_bn": False,
+    "optimizer": "momentum",
+    "learning_rate": 0.1,
+    "weight_decay": 0.0,
+    "warmup_epochs": 0.0,
+    "train_epochs": 30,
+    "train_steps": 0,
+}
+
+
+def write_digits(
+    root: str, test_size: int = TEST_SIZE, seed: int = SPLIT_SEED
+) -> dict[str, int]:
+    """Writes scikit-learn's digits as 8x8 grayscale PNGs in split folders.
+
+    Pixel values 0..16 are scaled to 0..255 (rounded). The split is
+    stratified by class (`sklearn.model_selection.train_test_split`), so
+    every class has the same share of test images up to rounding.
+
+    Args:
+      root: output folder; gets `train/<class>/` and `test/<class>/`.
+      test_size: images in the test split.
+      seed: seed of the split.
+
+    Returns:
+      {"train": count, "test": count}.
+    """
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    index = np.arange(len(images))
+    train, test = train_test_split(
+        index, test_size=test_size, stratify=digits.target, random_state=seed
+    )
+    counts = {}
+    for split, rows in (("train", train), ("test", test)):
+        for i in rows:
+            folder = os.path.join(root, split, str(digits.target[i]))
+            os.makedirs(folder, exist_ok=True)
+            Image.fromarray(images[i], mode="L").save(
+                os.path.join(folder, f"{i:04d}.png")
+            )
+        counts[split] = len(rows)
+    return counts
+
+
+def _digits_ready(root: str) -> bool:
+    marker = os.path.join(root, "DONE")
+    return os.path.exists(marker)
+
+
+def prepare_digits(root: str) -> dict[str, int]:
+    """`write_digits` once: a finished export is marked and reused."""
+    marker = os.path.join(root, "DONE")
+    if _digits_ready(root):
+        with open(marker) as f:
+            return json.load(f)
+    counts = write_digits(root)
+    with open(marker, "w") as f:
+        json.dump(counts, f)
+    return counts
+
+
+def _read_result(model_dir: str) -> dict | None:
+    path = os.path.join(model_dir, "result.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_stage(name: str, model_dir: str, overrides: dict) -> dict:
+    """Runs run.py's job in-process with the parsed flags plus `overrides`.
+
+    The flag values are set, the config read and validated exactly as
+    run.py does it, `flags.cfg` written to `model_dir`, and the flags
+    restored afterwards. A stage whose `result.json` exists is skipped.
+
+    Returns:
+      The stage's result.json contents plus "seconds".
+    """
+    from simclr_tf import experiment
+
+    done = _read_result(model_dir)
+    if done is not None:
+        logging.info("%s: already done in %s, reusing it.", name, model_dir)
+        return dict(done, seconds=float("nan"))
+    overrides = dict(overrides, model_dir=model_dir)
+    saved = {k: getattr(cli.FLAGS, k) for k in overrides}
+    try:
+        for key, value in overrides.items():
+            setattr(cli.FLAGS, key, value)
+        config = cli.config_from_flags()
+        cli.write_flags_file(model_dir)
+        print(f"== {name}: {model_dir}", flush=True)
+        start = time.perf_counter()
+        experiment.run(config)
+        seconds = time.perf_counter() - start
+    finally:
+        for key, value in saved.items():
+            setattr(cli.FLAGS, key, value)
+    return dict(_read_result(model_dir), seconds=seconds)
+
+
+def _pct(results: dict, key: str) -> str:
+    value = results.get(key)
+    return "    -" if value is None else f"{100 * value:5.1f}"
+
+
+def format_report(
+    workdir: str, pretrain: dict, simclr: dict, random: dict, seconds: float
+) -> str:
+    """The printed report: accuracies side by side, then file locations."""
+    lin, knn = "eval/label_top_1_accuracy", "eval/knn_top_1_accuracy"
+    pre_dir = os.path.join(workdir, "pretrain")
+    exports = os.path.join(pre_dir, "saved_model")
+    steps = []
+    if os.path.isdir(exports):
+        steps = sorted(os.listdir(exports), key=int)
+    k = pretrain["flags"]["knn_k"]
+    gain_lin = 100 * (simclr[lin] - random[lin])
+    gain_knn = 100 * (simclr[knn] - random[knn])
+    lines = [
+        "",
+        "SimCLR quickstart: scikit-learn digits (1,437 train / 360 test "
+        "images, 10 classes)",
+        f"  encoder: ResNet-{pretrain['flags']['resnet_depth']}, base width "
+        f"{pretrain['flags']['resnet_base_width']}, "
+        f"{pretrain['flags']['image_size']}x"
+        f"{pretrain['flags']['image_size']} input; "
+        f"{pretrain['global_step']} pretraining steps",
+        "",
+        f"  test accuracy (%)        linear eval   kNN (k={k})",
+        f"  SimCLR encoder                 {_pct(simclr, lin)}        "
+        f"{_pct(simclr, knn)}",
+        f"  random encoder (same arch.)    {_pct(random, lin)}        "
+        f"{_pct(random, knn)}",
+        f"  SimCLR - random                {gain_lin:+5.1f}        "
+        f"{gain_knn:+5.1f}",
+        f"  (linear head trained during pretraining: "
+        f"{_pct(pretrain, lin).strip()} %)",
+        "",
+        f"  runtime: {seconds / 60:.1f} min (pretraining "
+        f"{pretrain['seconds'] / 60:.1f} min)",
+        f"  checkpoint:       {pre_dir}/ckpt-{pretrain['global_step']}",
+        f"  TensorBoard:      tensorboard --logdir {workdir}",
+        f"  SavedModel:       {exports}/{steps[-1] if steps else '?'}",
+        f"  linear classifier: {os.path.join(workdir, 'linear_eval')}"
+        "/saved_model/",
+        f"  plots:            {os.path.join(workdir, 'plots')}/",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    import plot_run
+
+    start = time.perf_counter()
+    workdir = os.path.abspath(_WORKDIR.value)
+    digits = os.path.join(workdir, "digits")
+    counts = prepare_digits(digits)
+    print(
+        f"== digits: {counts['train']} train / {counts['test']} test PNGs "
+        f"in {digits}",
+        flush=True,
+    )
+    dataset = {"dataset": f"folder:{digits}"}
+    pre_dir = os.path.join(workdir, "pretrain")
+    try:
+        pretrain = run_stage("SimCLR pretraining", pre_dir, dataset)
+        simclr = run_stage(
+            "linear eval of the SimCLR encoder",
+            os.path.join(workdir, "linear_eval"),
+            {**dataset, **LINEAR_EVAL, "checkpoint": pre_dir},
+        )
+        random = run_stage(
+            "linear eval of a random encoder",
+            os.path.join(workdir, "random_linear_eval"),
+            {
+                **dataset,
+                **LINEAR_EVAL,
+                "checkpoint": None,
+                "keep_hub_module_max": 0,
+            },
+        )
+    except ConfigError as e:
+        sys.stderr.write(f"quickstart.py: error: {e}\n")
+        sys.exit(2)
+    plots = plot_run.plot_runs(
+        {
+            "pretrain": pre_dir,
+            "linear_eval": os.path.join(workdir, "linear_eval"),
+            "random_linear_eval": os.path.join(workdir, "random_linear_eval"),
+        },
+        os.path.join(workdir, "plots"),
+        preview_model_dir=pre_dir,
+    )
+    seconds = time.perf_counter() - start
+    print(format_report(workdir, pretrain, simclr, random, seconds))
+    for path in plots:
+        print(f"  plot: {path}")
+
+
+if __name__ == "__main__":
+    sys.argv = [sys.argv[0], f"--flagfile={DEFAULT_RECIPE}", *sys.argv[1:]]
+    app.run(main)
