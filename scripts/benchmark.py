@@ -57,14 +57,18 @@ from absl import app, flags  # noqa: E402
 FLAGS = flags.FLAGS
 GIB = 2.0**30
 
-# name -> (mixed_precision, jit_compile, input_pipeline)
+# name -> (mixed_precision, jit_compile, input_pipeline, fused_bn)
 PRESETS = {
-    "float32": ("none", False, "on"),
-    "bf16": ("bfloat16", False, "on"),
-    "xla": ("none", True, "on"),
-    "bf16_xla": ("bfloat16", True, "on"),
-    "float32_nopipe": ("none", False, "off"),
-    "bf16_nopipe": ("bfloat16", False, "off"),
+    "float32": ("none", False, "on", "on"),
+    "bf16": ("bfloat16", False, "on", "on"),
+    "xla": ("none", True, "on", "on"),
+    "bf16_xla": ("bfloat16", True, "on", "on"),
+    "float32_nopipe": ("none", False, "off", "on"),
+    "bf16_nopipe": ("bfloat16", False, "off", "on"),
+    "float32_unfused": ("none", False, "on", "off"),
+    "bf16_unfused": ("bfloat16", False, "on", "off"),
+    "float32_nopipe_unfused": ("none", False, "off", "off"),
+    "bf16_nopipe_unfused": ("bfloat16", False, "off", "off"),
 }
 
 
@@ -131,10 +135,10 @@ def count_graph_flops(fn, *specs) -> int:
     return int(info.total_float_ops)
 
 
-def _config(preset: tuple[str, bool, str]):
+def _config(preset: tuple[str, bool, str, str]):
     from simclr_tf import config as config_lib
 
-    mixed, jit, _ = preset
+    mixed, jit, _, _ = preset
     return config_lib.from_flat(
         dict(
             # flags/cifar10_pretrain.cfg, at the benchmark's batch size.
@@ -200,12 +204,12 @@ def _dataset(config, strategy, pipeline: bool, num_classes: int):
     return strategy.distribute_datasets_from_function(dataset_fn)
 
 
-def run_worker(name: str, preset: tuple[str, bool, str]) -> dict:
+def run_worker(name: str, preset: tuple[str, bool, str, str]) -> dict:
     """Measures one configuration in this (fresh) process.
 
     Args:
       name: the configuration's name, echoed in the result.
-      preset: (mixed_precision, jit_compile, input_pipeline).
+      preset: (mixed_precision, jit_compile, input_pipeline, fused_bn).
 
     Returns:
       The measurements as a JSON-able dict.
@@ -215,8 +219,11 @@ def run_worker(name: str, preset: tuple[str, bool, str]) -> dict:
 
     from simclr_tf import distribute, experiment
     from simclr_tf.data import input_pipeline
+    from simclr_tf.models import resnet
     from simclr_tf.training import step as step_lib
 
+    if preset[3] == "off":  # Keras 3's own (unfused) batch norm everywhere.
+        resnet.BatchNorm._fused_training = lambda self, *args: False
     num_classes = 10
     config = _config(preset)
     strategy = distribute.build_strategy(config.runtime)
@@ -271,6 +278,7 @@ def run_worker(name: str, preset: tuple[str, bool, str]) -> dict:
         mixed_precision=preset[0],
         jit_compile=preset[1],
         input_pipeline=preset[2],
+        fused_bn=preset[3],
         onednn=os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") != "0",
         batch=config.train.train_batch_size,
         depth=config.model.resnet_depth,
@@ -329,6 +337,12 @@ def define_flags() -> None:
         ["on", "off"],
         "custom: off feeds one fixed batch (compute only).",
     )
+    flags.DEFINE_enum(
+        "fused_bn",
+        "on",
+        ["on", "off"],
+        "custom: off restores Keras 3's unfused batch norm (for comparison).",
+    )
     flags.DEFINE_integer("steps", 6, "Timed steps per configuration.")
     flags.DEFINE_integer(
         "warmup_steps", 1, "Untimed steps after the first (traced) one."
@@ -349,9 +363,14 @@ def define_flags() -> None:
     )
 
 
-def _preset(name: str) -> tuple[str, bool, str]:
+def _preset(name: str) -> tuple[str, bool, str, str]:
     if name == "custom":
-        return (FLAGS.mixed_precision, FLAGS.jit_compile, FLAGS.input_pipeline)
+        return (
+            FLAGS.mixed_precision,
+            FLAGS.jit_compile,
+            FLAGS.input_pipeline,
+            FLAGS.fused_bn,
+        )
     if name not in PRESETS:
         raise app.UsageError(
             f"Received: --configs={name}. Use one of "
@@ -372,6 +391,7 @@ def _run_child(name: str) -> dict:
             "jit_compile",
             "mixed_precision",
             "input_pipeline",
+            "fused_bn",
             "steps",
             "warmup_steps",
             "steps_per_loop",

@@ -50,13 +50,74 @@ def conv_initializer() -> keras.initializers.Initializer:
     )
 
 
+@_register
+class BatchNorm(keras.layers.BatchNormalization):
+    """`keras.layers.BatchNormalization` with a fused training path.
+
+    Keras 3 normalises with separate element-wise ops (moments, then
+    scale and shift, in float32 even under a bfloat16 policy), each
+    keeping its own activation-sized tensors for the backward pass. When
+    the statistics are those of the local batch anyway — not synchronised,
+    or synchronised over a single replica — and the input is NHWC, the
+    training forward and backward here are one `FusedBatchNormV3` op and
+    its gradient (oneDNN on CPU), in the compute dtype. The result is the
+    same function: batch mean and biased variance normalise the batch and
+    update the moving statistics exactly as the Keras layer does.
+    Everything else (inference, several replicas, masks, renorm, other
+    ranks) is the Keras layer's own path.
+    """
+
+    def _fused_training(self, inputs, training, mask) -> bool:
+        if not (training and self.trainable) or mask is not None:
+            return False
+        if self.renorm or len(inputs.shape) != 4:
+            return False
+        if self.axis not in (-1, 3) or inputs.shape[-1] is None:
+            return False
+        if not self.synchronized:
+            return True
+        context = tf.distribute.get_replica_context()
+        return context is None or context.num_replicas_in_sync == 1
+
+    def call(self, inputs, training=None, mask=None):
+        if not self._fused_training(inputs, training, mask):
+            return super().call(inputs, training=training, mask=mask)
+        x = tf.convert_to_tensor(inputs)
+        if x.dtype not in (tf.float32, tf.bfloat16, tf.float16):
+            x = tf.cast(x, tf.float32)
+        channels = x.shape[-1]
+        scale = (
+            tf.cast(self.gamma, tf.float32)
+            if self.scale
+            else tf.ones([channels], tf.float32)
+        )
+        offset = (
+            tf.cast(self.beta, tf.float32)
+            if self.center
+            else tf.zeros([channels], tf.float32)
+        )
+        # y: x's shape and dtype; mean, variance: (C,) float32, the
+        # variance with Bessel's correction n / (n - 1).
+        y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+            x, scale, offset, epsilon=self.epsilon, is_training=True
+        )
+        n = tf.cast(tf.size(x) // channels, tf.float32)
+        variance = variance * ((n - 1.0) / tf.maximum(n, 1.0))  # Biased.
+        m = self.momentum
+        self.moving_mean.assign(self.moving_mean * m + mean * (1.0 - m))
+        self.moving_variance.assign(
+            self.moving_variance * m + variance * (1.0 - m)
+        )
+        return tf.cast(y, self.compute_dtype)
+
+
 def batch_norm(
     batch_norm_decay: float,
     global_bn: bool,
     zero_gamma: bool = False,
     center: bool = True,
     name: str | None = None,
-) -> keras.layers.BatchNormalization:
+) -> BatchNorm:
     """A BN layer with the reference's settings (SPEC.md §3).
 
     Args:
@@ -67,9 +128,10 @@ def batch_norm(
       name: layer name.
 
     Returns:
-      A `keras.layers.BatchNormalization` over the last axis.
+      A `BatchNorm` (a `keras.layers.BatchNormalization`) over the last
+      axis.
     """
-    return keras.layers.BatchNormalization(
+    return BatchNorm(
         momentum=batch_norm_decay,
         epsilon=BATCH_NORM_EPSILON,
         center=center,
