@@ -291,3 +291,16 @@ def test_multi_worker_smoke_on_loopback(tmp_path):
         assert p.returncode == 0, err[-3000:]
     assert "MultiWorkerMirroredStrategy with 2 replica" in outputs[0]
     assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-2")
+
+
+def test_eval_mode_evaluates_the_latest_checkpoint_and_stops(tmp_path):
+    # Like the reference: evaluate each new checkpoint, starting from the
+    # latest, and stop once the last training step has been evaluated.
+    _run(_smoke_config(tmp_path, mode="train", keep_hub_module_max=0))
+    assert _run(_smoke_config(tmp_path, mode="eval")) is None
+    record = json.loads((tmp_path / "result_2.json").read_text())
+    assert record["global_step"] == 2
+    assert 0.0 <= record["eval/label_top_1_accuracy"] <= 1.0
+    assert (tmp_path / "result.json").read_text() == (
+        tmp_path / "result_2.json"
+    ).read_text()
