@@ -66,7 +66,8 @@ def read_scalars(model_dir: str) -> dict[str, list[tuple[int, float]]]:
         )
     scalars: dict[str, dict[int, float]] = {}
     for path in files:
-        for event in tf.compat.v1.train.summary_iterator(path):
+        for record in tf.data.TFRecordDataset(path):
+            event = tf.compat.v1.Event.FromString(record.numpy())
             for value in event.summary.value:
                 if value.HasField("simple_value"):
                     number = float(value.simple_value)
