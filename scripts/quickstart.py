@@ -66,10 +66,10 @@ LINEAR_EVAL = {
     "zero_init_logits_layer": True,
     "global_bn": False,
     "optimizer": "momentum",
-    "learning_rate": 0.1,
+    "learning_rate": 0.5,
     "weight_decay": 0.0,
     "warmup_epochs": 0.0,
-    "train_epochs": 30,
+    "train_epochs": 60,
     "train_steps": 0,
 }
 

@@ -158,6 +158,18 @@ def test_resnet_base_width_is_validated():
         config_lib.validate(bad)
 
 
+def _parse_flag(value: str, default):
+    """A flag-file value as the type of the field's default."""
+    if isinstance(default, bool):
+        return value == "True"
+    if default is None:  # seed (int) or a path (str).
+        try:
+            return int(value)
+        except ValueError:
+            return value
+    return type(default)(value)
+
+
 @pytest.mark.slow
 def test_tiny_folder_run_then_plots(tmp_path, digits_root):
     from simclr_tf import experiment
@@ -172,13 +184,7 @@ def test_tiny_folder_run_then_plots(tmp_path, digits_root):
     assert values["dataset"].startswith("folder:")
     flat = config_lib.to_flat(config_lib.Config())
     for name, value in values.items():
-        default = flat[name]
-        if isinstance(default, bool):
-            flat[name] = value == "True"
-        elif default is None or isinstance(default, str):
-            flat[name] = value
-        else:
-            flat[name] = type(default)(value)
+        flat[name] = _parse_flag(value, flat[name])
     flat.update(
         dataset=f"folder:{root}",
         train_steps=4,
