@@ -36,8 +36,10 @@ training example.
 
 Configurations (`--configs`, comma-separated): `float32`, `bf16`
 (`--mixed_precision=bfloat16`), `xla` (float32 + `--jit_compile`),
-`bf16_xla`, `float32_nopipe`, `bf16_nopipe` (input pipeline off), and
-`custom` (exactly the flags given).
+`bf16_xla`, `float32_nopipe`, `bf16_nopipe` (input pipeline off),
+`*_unfused` (Keras 3's own batch norm instead of the fused one, for
+comparison), `custom` (exactly the flags given) and `pipeline_only` (the
+augmentation pipeline alone, no model: reported below the table).
 """
 
 from __future__ import annotations
@@ -311,7 +313,7 @@ def define_flags() -> None:
     measuring functions import without touching absl's global flags)."""
     flags.DEFINE_list(
         "configs",
-        ["float32", "bf16", "xla", "float32_nopipe"],
+        ["float32", "bf16", "xla", "float32_nopipe", "pipeline_only"],
         "Configurations to run, each in a fresh process (see the docstring).",
     )
     flags.DEFINE_integer("batch_size", 256, "Global images per step.")
@@ -363,6 +365,51 @@ def define_flags() -> None:
     )
 
 
+def run_pipeline_worker() -> dict:
+    """Measures the input pipeline alone, in this (fresh) process.
+
+    Builds the benchmark's augmentation pipeline (as `run_worker` with the
+    pipeline on), reads warm-up batches (more than prefetch can hold
+    ready), then times `2 * --steps` (at least 8) batches with nothing
+    else running in the process; samples are per pair of batches.
+
+    Returns:
+      {"config": "pipeline_only", "images_per_s": over all timed, ...}.
+    """
+    load_start = os.getloadavg()[0]
+    from simclr_tf import distribute
+
+    config = _config(PRESETS["float32"])
+    strategy = distribute.build_strategy(config.runtime)
+    iterator = iter(_dataset(config, strategy, True, 10))
+    start = time.perf_counter()
+    next(iterator)
+    first_s = time.perf_counter() - start
+    for _ in range(4):
+        next(iterator)
+    batch = config.train.train_batch_size
+    times = []
+    for _ in range(max(4, FLAGS.steps)):
+        start = time.perf_counter()
+        for _ in range(2):
+            next(iterator)
+        times.append(time.perf_counter() - start)
+    rates = [2 * batch / t for t in times]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+    return dict(
+        config="pipeline_only",
+        batch=config.train.train_batch_size,
+        images_per_s=round(2 * batch * len(times) / sum(times), 2),
+        images_per_s_samples=[round(r, 2) for r in rates],
+        first_batch_s=round(first_s, 1),
+        peak_rss_gib=round(peak, 2),
+        load_avg_1min_start_end=[
+            round(load_start, 2),
+            round(os.getloadavg()[0], 2),
+        ],
+    )
+
+
 def _preset(name: str) -> tuple[str, bool, str, str]:
     if name == "custom":
         return (
@@ -374,7 +421,7 @@ def _preset(name: str) -> tuple[str, bool, str, str]:
     if name not in PRESETS:
         raise app.UsageError(
             f"Received: --configs={name}. Use one of "
-            f"{', '.join([*PRESETS, 'custom'])}."
+            f"{', '.join([*PRESETS, 'custom', 'pipeline_only'])}."
         )
     return PRESETS[name]
 
@@ -448,10 +495,15 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if FLAGS.worker is not None:
-        result = run_worker(FLAGS.worker, _preset(FLAGS.worker))
+        if FLAGS.worker == "pipeline_only":
+            result = run_pipeline_worker()
+        else:
+            result = run_worker(FLAGS.worker, _preset(FLAGS.worker))
         print(json.dumps(result), flush=True)
         return
-    presets = {name: _preset(name) for name in FLAGS.configs}
+    presets = {
+        name: _preset(name) for name in FLAGS.configs if name != "pipeline_only"
+    }
     print(
         f"ResNet-{FLAGS.depth} x{FLAGS.width_multiplier}, {FLAGS.image_size}x"
         f"{FLAGS.image_size}, batch {FLAGS.batch_size} (two views each), "
@@ -464,6 +516,15 @@ def main(argv: list[str]) -> None:
         print(json.dumps(result), flush=True)
         results.append(result)
     print(format_table(results))
+    if "pipeline_only" in FLAGS.configs:
+        result = _run_child("pipeline_only")
+        print(json.dumps(result), flush=True)
+        print(
+            f"Input pipeline alone (augmentation, two views): "
+            f"{result['images_per_s']:.1f} images/s, load average "
+            "{0[0]:.1f}-{0[1]:.1f}".format(result["load_avg_1min_start_end"])
+        )
+        results.append(result)
     if FLAGS.json_out:
         with open(FLAGS.json_out, "w") as f:
             json.dump(results, f, indent=1)
