@@ -197,6 +197,13 @@ flags.DEFINE_integer(
     "Channels of the stem and block group 1 at width_multiplier 1 (block "
     "groups: b, 2b, 4b, 8b); 64 is the reference ResNet, 32 half width.",
 )
+flags.DEFINE_bool(
+    "zero_init_residual_bn",
+    True,
+    "Initialise gamma of the last BN of every residual branch to 0 (the "
+    "reference); False initialises it to 1 like the other BNs (a stronger "
+    "random-weights baseline).",
+)
 flags.DEFINE_integer(
     "resnet_depth", 50, "ResNet depth: 18, 34, 50, 101, 152 or 200."
 )

@@ -57,6 +57,7 @@ class ModelConfig:
     resnet_depth: int = 50
     width_multiplier: int = 1
     resnet_base_width: int = 64
+    zero_init_residual_bn: bool = True
     sk_ratio: float = 0.0
     se_ratio: float = 0.0
     batch_norm_decay: float = 0.9

@@ -152,6 +152,25 @@ def test_resnet_base_width_sets_every_block_width(base_width):
     assert features.shape == (2, 8 * base_width)
 
 
+@pytest.mark.parametrize("zero_init", [True, False])
+def test_zero_init_residual_bn_sets_the_last_bn_gamma(zero_init):
+    config = config_lib.Config(
+        data=config_lib.DataConfig(image_size=16),
+        model=config_lib.ModelConfig(
+            resnet_depth=18,
+            resnet_base_width=8,
+            zero_init_residual_bn=zero_init,
+        ),
+    )
+    encoder = factory.build_model(config, 10).encoder
+    blocks = [b for g in encoder.block_groups for b in g.blocks]
+    assert len(blocks) == 8  # ResNet-18: 2 basic blocks per group.
+    expected = 0.0 if zero_init else 1.0
+    for block in blocks:
+        np.testing.assert_array_equal(block.bn2.gamma.numpy(), expected)
+        np.testing.assert_array_equal(block.bn1.gamma.numpy(), 1.0)
+
+
 def test_resnet_base_width_is_validated():
     bad = config_lib.Config(model=config_lib.ModelConfig(resnet_base_width=7))
     with pytest.raises(config_lib.ConfigError, match="resnet_base_width=7"):

@@ -60,6 +60,7 @@ def build_model(
         se_ratio=m.se_ratio,
         fine_tune_after_block=t.fine_tune_after_block if finetune else -1,
         base_width=m.resnet_base_width,
+        zero_init_residual=m.zero_init_residual_bn,
         name="resnet",
         **bn,
     )
