@@ -355,6 +355,8 @@ class _Block(keras.layers.Layer):
       se_ratio: > 0 adds squeeze-excitation after the last BN.
       batch_norm_decay: BN momentum.
       global_bn: synchronised BN.
+      zero_init_residual: start the last BN of the residual branch with
+        gamma = 0 (reference); False starts it at 1.
       **kwargs: base layer arguments.
     """
 
@@ -369,9 +371,11 @@ class _Block(keras.layers.Layer):
         se_ratio: float = 0.0,
         batch_norm_decay: float = 0.9,
         global_bn: bool = True,
+        zero_init_residual: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.zero_init_residual = zero_init_residual
         self.filters = filters
         self.strides = strides
         self.use_projection = use_projection
@@ -448,6 +452,7 @@ class _Block(keras.layers.Layer):
             "se_ratio": self.se_ratio,
             "batch_norm_decay": self.batch_norm_decay,
             "global_bn": self.global_bn,
+            "zero_init_residual": self.zero_init_residual,
         }
 
 
@@ -466,7 +471,7 @@ class BasicBlock(_Block):
         self.conv1 = Conv2DFixedPadding(filters, 3, strides, name="conv1")
         self.bn1 = self._bn(name="bn1")
         self.conv2 = Conv2DFixedPadding(filters, 3, 1, name="conv2")
-        self.bn2 = self._bn(zero_gamma=True, name="bn2")
+        self.bn2 = self._bn(zero_gamma=self.zero_init_residual, name="bn2")
 
     def build(self, input_shape):
         width = (None, None, None, self.filters)
@@ -511,7 +516,7 @@ class BottleneckBlock(_Block):
             self.conv2 = Conv2DFixedPadding(filters, 3, strides, name="conv2")
             self.bn2 = self._bn(name="bn2")
         self.conv3 = Conv2DFixedPadding(self.out_filters, 1, 1, name="conv3")
-        self.bn3 = self._bn(zero_gamma=True, name="bn3")
+        self.bn3 = self._bn(zero_gamma=self.zero_init_residual, name="bn3")
 
     def build(self, input_shape):
         width = (None, None, None, self.filters)
@@ -548,8 +553,9 @@ class BlockGroup(keras.layers.Layer):
       block_type: "basic" or "bottleneck".
       num_blocks: number of blocks.
       strides: stride of the first block.
-      **kwargs: `sk_ratio`, `se_ratio`, `batch_norm_decay`, `global_bn` for
-        the blocks; the rest goes to the base layer.
+      **kwargs: `sk_ratio`, `se_ratio`, `batch_norm_decay`, `global_bn`,
+        `zero_init_residual` for the blocks; the rest goes to the base
+        layer.
     """
 
     def __init__(
@@ -562,6 +568,7 @@ class BlockGroup(keras.layers.Layer):
         se_ratio: float = 0.0,
         batch_norm_decay: float = 0.9,
         global_bn: bool = True,
+        zero_init_residual: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -579,6 +586,7 @@ class BlockGroup(keras.layers.Layer):
             se_ratio=se_ratio,
             batch_norm_decay=batch_norm_decay,
             global_bn=global_bn,
+            zero_init_residual=zero_init_residual,
         )
         block_cls = _BLOCK_TYPES[block_type]
         self._block_names = set_layer_attributes(
@@ -754,6 +762,8 @@ class ResNet(keras.layers.Layer):
       fine_tune_after_block: -1 (train all) or k in 0..4 (freeze up to k).
       base_width: b, the width of block group 1 at m = 1 (reference 64;
         32 gives a half-width network).
+      zero_init_residual: gamma = 0 for the last BN of every residual
+        branch (reference); False starts it at 1.
       **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Raises:
@@ -771,6 +781,7 @@ class ResNet(keras.layers.Layer):
         global_bn: bool = True,
         fine_tune_after_block: int = -1,
         base_width: int = 64,
+        zero_init_residual: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -793,6 +804,7 @@ class ResNet(keras.layers.Layer):
         self.global_bn = global_bn
         self.fine_tune_after_block = fine_tune_after_block
         self.base_width = base_width
+        self.zero_init_residual = zero_init_residual
         bn_kwargs = dict(batch_norm_decay=batch_norm_decay, global_bn=global_bn)
         self.stem = Stem(
             width_multiplier,
@@ -811,6 +823,7 @@ class ResNet(keras.layers.Layer):
                 strides=1 if i == 0 else 2,
                 sk_ratio=sk_ratio,
                 se_ratio=se_ratio,
+                zero_init_residual=zero_init_residual,
                 name=f"block_group{i + 1}",
                 **bn_kwargs,
             )
@@ -866,4 +879,5 @@ class ResNet(keras.layers.Layer):
             "global_bn": self.global_bn,
             "fine_tune_after_block": self.fine_tune_after_block,
             "base_width": self.base_width,
+            "zero_init_residual": self.zero_init_residual,
         }
