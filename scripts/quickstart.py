@@ -68,7 +68,7 @@ LINEAR_EVAL = {
     "zero_init_logits_layer": True,
     "global_bn": False,
     "optimizer": "momentum",
-    "learning_rate": 0.5,
+    "learning_rate": 2.0,
     "weight_decay": 0.0,
     "warmup_epochs": 0.0,
     "train_epochs": 60,
@@ -179,6 +179,12 @@ def _pct(results: dict, key: str) -> str:
     return "    -" if value is None else f"{100 * value:5.1f}"
 
 
+def _stage_time(pretrain: dict) -> str:
+    if pretrain["seconds"] != pretrain["seconds"]:  # NaN: reused.
+        return "pretraining reused from an earlier run"
+    return f"pretraining and its eval {pretrain['seconds'] / 60:.1f} min"
+
+
 def format_report(
     workdir: str, pretrain: dict, simclr: dict, random: dict, seconds: float
 ) -> str:
@@ -213,8 +219,7 @@ def format_report(
         f"{_pct(pretrain, lin).strip()} %)",
         "  * random weights, fresh BN statistics, all BN gammas 1",
         "",
-        f"  runtime: {seconds / 60:.1f} min (pretraining "
-        f"{pretrain['seconds'] / 60:.1f} min)",
+        f"  runtime: {seconds / 60:.1f} min ({_stage_time(pretrain)})",
         f"  checkpoint:       {pre_dir}/ckpt-{pretrain['global_step']}",
         f"  TensorBoard:      tensorboard --logdir {workdir}",
         f"  SavedModel:       {exports}/{steps[-1] if steps else '?'}",

@@ -226,3 +226,40 @@ def test_tiny_folder_run_then_plots(tmp_path, digits_root):
     assert [s for s, _ in scalars["train/contrast_loss"]] == [2, 4]
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["global_step"] == 4
+
+
+def test_format_report_puts_both_encoders_side_by_side(tmp_path):
+    (tmp_path / "pretrain" / "saved_model" / "562").mkdir(parents=True)
+    flags = {
+        "knn_k": 20,
+        "resnet_depth": 18,
+        "resnet_base_width": 16,
+        "image_size": 16,
+    }
+    pretrain = {
+        "global_step": 562,
+        "flags": flags,
+        "seconds": 216.0,
+        "eval/label_top_1_accuracy": 0.978,
+    }
+    simclr = {
+        "eval/label_top_1_accuracy": 0.969,
+        "eval/knn_top_1_accuracy": 0.967,
+    }
+    random = {
+        "eval/label_top_1_accuracy": 0.756,
+        "eval/knn_top_1_accuracy": 0.917,
+    }
+    text = quickstart.format_report(
+        str(tmp_path), pretrain, simclr, random, 294.0
+    )
+    lines = text.splitlines()
+    row = next(line for line in lines if "SimCLR encoder" in line)
+    assert row.split()[-2:] == ["96.9", "96.7"]
+    row = next(line for line in lines if "random encoder" in line)
+    assert row.split()[-2:] == ["75.6", "91.7"]
+    row = next(line for line in lines if "SimCLR - random" in line)
+    assert row.split()[-2:] == ["+21.3", "+5.0"]
+    assert "runtime: 4.9 min (pretraining and its eval 3.6 min)" in text
+    assert str(tmp_path / "pretrain" / "saved_model" / "562") in text
+    assert str(tmp_path / "pretrain" / "ckpt-562") in text
