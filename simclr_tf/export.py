@@ -375,6 +375,7 @@ def run_metadata(
         "dataset": config.data.dataset,
         "resnet_depth": m.resnet_depth,
         "width_multiplier": m.width_multiplier,
+        "resnet_base_width": m.resnet_base_width,
         "sk_ratio": m.sk_ratio,
         "se_ratio": m.se_ratio,
         "proj_head_mode": m.proj_head_mode,

@@ -739,6 +739,10 @@ def build_distributed_dataset(
     return strategy.distribute_datasets_from_function(dataset_fn)
 
 
+# Records (paths, or encoded images for TFDS) the preview samples from.
+PREVIEW_POOL = 2048
+
+
 def preview_grid(
     data: config_lib.DataConfig,
     *,
@@ -746,7 +750,11 @@ def preview_grid(
     num_images: int = 8,
     num_views: int = 4,
 ) -> tf.Tensor:
-    """Originals and pretraining views of the first images of a split.
+    """Originals and pretraining views of images sampled from a split.
+
+    The images are drawn (with a fixed seed) from the first
+    `PREVIEW_POOL` records of the split, before decoding, so that a folder
+    sorted by class shows several classes.
 
     Row i: image i padded to a square (no crop), then `num_views`
     independent training views, with the pretraining augmentation of
@@ -765,9 +773,12 @@ def preview_grid(
     kwargs = train_view_kwargs(data, pretrain=True)
     base = _seed_sequence(data, 0).generate_state(2).astype(np.int64)
     originals, views = [], []
-    source = build_source(data, split or data.train_split).take(num_images)
-    for i, (image, _) in enumerate(source):
-        image = augment.to_float(image)
+    records, load = _encoded_source(
+        data, split or data.train_split, None, False, 0
+    )
+    source = records.shuffle(PREVIEW_POOL, seed=0).take(num_images)
+    for i, (record, _) in enumerate(source):
+        image = augment.to_float(load(record))
         originals.append(tf.image.resize_with_pad(image, size, size))
         seed = tf.random.experimental.stateless_fold_in(base, i)
         views.append(

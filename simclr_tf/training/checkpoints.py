@@ -22,6 +22,7 @@ from simclr_tf import config as config_lib
 ARCHITECTURE_FIELDS = (
     "resnet_depth",
     "width_multiplier",
+    "resnet_base_width",
     "sk_ratio",
     "se_ratio",
     "proj_head_mode",
