@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from simclr_tf.models import resnet
+from tests.helpers import two_replica_strategy
 
 EPS = 1e-5  # SPEC.md §3
 
@@ -502,3 +503,69 @@ def test_layer_config_round_trip(layer):
     for key in a if isinstance(a, dict) else [None]:
         u, v = (a, b) if key is None else (a[key], b[key])
         np.testing.assert_array_equal(u, v)
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_fused_batch_norm_matches_the_batch_norm_formula(policy):
+    # resnet.BatchNorm's fused training path (the performance change the
+    # benchmark measures) against BN written out: batch mean, biased
+    # variance, eps 1e-5, moving averages with momentum 0.9.
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        x = tf.random.stateless_normal((8, 5, 5, 6), [1, 2]) * 3.0 + 1.0
+        r = tf.random.stateless_normal((8, 5, 5, 6), [3, 4])
+        gamma = tf.random.stateless_normal((6,), [5, 6])
+        beta = 0.5 * gamma
+        layer = resnet.batch_norm(0.9, global_bn=True)
+        layer.build(x.shape)
+        layer.gamma.assign(gamma)
+        layer.beta.assign(beta)
+        assert layer._fused_training(x, True, None)
+
+        def reference(x, gamma, beta):
+            mean = tf.reduce_mean(x, axis=[0, 1, 2])
+            var = tf.reduce_mean(tf.square(x - mean), axis=[0, 1, 2])
+            return (x - mean) / tf.sqrt(var + 1e-5) * gamma + beta, mean, var
+
+        xq = tf.cast(tf.cast(x, layer.compute_dtype), tf.float32)
+        with tf.GradientTape() as tape:
+            tape.watch(xq)
+            y = tf.cast(layer(xq, training=True), tf.float32)
+            loss = tf.reduce_sum(y * r)
+        grads = tape.gradient(loss, [xq, layer.gamma, layer.beta])
+        with tf.GradientTape() as tape:
+            tape.watch([xq, gamma, beta])
+            y_ref, mean, var = reference(xq, gamma, beta)
+            loss_ref = tf.reduce_sum(y_ref * r)
+        grads_ref = tape.gradient(loss_ref, [xq, gamma, beta])
+        tol = 1e-4 if policy == "float32" else 2e-2  # bf16: 8-bit mantissa.
+        np.testing.assert_allclose(y, y_ref, atol=tol * 10, rtol=tol)
+        for g, g_ref in zip(grads, grads_ref, strict=True):
+            scale = float(tf.reduce_max(tf.abs(g_ref)))
+            np.testing.assert_allclose(g, g_ref, atol=tol * scale * 10)
+        np.testing.assert_allclose(layer.moving_mean, 0.1 * mean, rtol=1e-4)
+        np.testing.assert_allclose(
+            layer.moving_variance, 0.9 + 0.1 * var, rtol=1e-4
+        )
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_synchronized_batch_norm_over_two_replicas_is_not_fused():
+    # Cross-replica statistics need Keras's own path: the fused op only
+    # sees the local batch.
+    strategy = two_replica_strategy()
+    x = tf.zeros((2, 3, 3, 4))
+    with strategy.scope():
+        synced = resnet.batch_norm(0.9, global_bn=True)
+        local = resnet.batch_norm(0.9, global_bn=False)
+
+    def decisions():
+        return tf.constant(
+            [synced._fused_training(x, True, None)]
+            + [local._fused_training(x, True, None)]
+        )
+
+    per_replica = strategy.run(decisions)
+    for value in strategy.experimental_local_results(per_replica):
+        assert value.numpy().tolist() == [False, True]
