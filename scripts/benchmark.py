@@ -28,7 +28,10 @@ time are its own) and:
 4. reports the time of the first call (one step: tracing + first
    execution), then, after `--warmup_steps` more, the median images/s over
    `--steps` timed steps (`--steps_per_loop` steps per call); the peak RSS
-   (`ru_maxrss`) and the 1-minute load average at start and end.
+   (`ru_maxrss`) and the 1-minute load average at start and end;
+5. then runs `--profile_steps` more steps under the TF profiler and
+   reports the op time per step by op type (`top_ops`): where the compute
+   goes. Compare with `pipeline_only` and `*_nopipe` for the input side.
 
 The parent prints one JSON line per configuration and a table at the end
 (`--json_out` also writes them to a file). An image is one two-view
@@ -135,6 +138,63 @@ def count_graph_flops(fn, *specs) -> int:
         graph=concrete.graph, run_meta=None, cmd="op", options=opts
     )
     return int(info.total_float_ops)
+
+
+def top_ops(logdir: str, steps: int, k: int = 8) -> list[dict]:
+    """Where a profiled step's op time goes, by op type.
+
+    Reads the `*.xplane.pb` that `tf.profiler.experimental` wrote under
+    `logdir` (with TF's own `xplane_pb2`; no profiler plugin needed). On
+    CPU the executor records each op run on a `tf_Compute` thread as an
+    event named `<node name>:<op type>` lasting from its start to its end
+    (its intra-op threads included); events are summed per op type.
+    Executor ops may overlap (two inter-op threads), so shares are of the
+    summed op time, not of the wall time.
+
+    Args:
+      logdir: the profiler's log directory.
+      steps: the number of steps profiled (times are per step).
+      k: how many op types to return (the rest are summed as `other`).
+
+    Returns:
+      [{"op": type, "ms_per_step": ..., "share": ...}, ...], largest first.
+    """
+    import collections
+    import glob
+
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    totals = collections.Counter()
+    pattern = os.path.join(logdir, "**", "*.xplane.pb")
+    for path in glob.glob(pattern, recursive=True):
+        space = xplane_pb2.XSpace()
+        with open(path, "rb") as f:
+            space.ParseFromString(f.read())
+        for plane in space.planes:
+            for line in plane.lines:
+                if not line.name.startswith("tf_Compute"):
+                    continue
+                for event in line.events:
+                    name = plane.event_metadata[event.metadata_id].name
+                    node, colon, op = name.rpartition(":")
+                    # "<node>:<op type>"; not "ExecutorState::Process" etc.
+                    if node and colon and not node.endswith(":"):
+                        totals[op] += event.duration_ps
+    total = sum(totals.values())
+    if total == 0:
+        raise RuntimeError(f"No op events in the profile under {logdir}.")
+    ranked = totals.most_common(k)
+    rest = total - sum(ps for _, ps in ranked)
+    if rest:
+        ranked.append(("other", rest))
+    return [
+        dict(
+            op=op,
+            ms_per_step=round(ps / 1e9 / steps, 1),
+            share=round(ps / total, 3),
+        )
+        for op, ps in ranked
+    ]
 
 
 def _config(preset: tuple[str, bool, str, str]):
@@ -271,10 +331,20 @@ def run_worker(name: str, preset: tuple[str, bool, str, str]) -> dict:
             * config.train.train_batch_size
             / (time.perf_counter() - start)
         )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
     matmul_after = matmul_flops_per_s(FLAGS.matmul_n, FLAGS.matmul_seconds)
     images_per_s = statistics.median(rates)
     matmul = (matmul_before + matmul_after) / 2
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+    ops = []
+    if FLAGS.profile_steps > 0:  # After the timing and the peak RSS.
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as logdir:
+            tf.profiler.experimental.start(logdir)
+            for _ in range(FLAGS.profile_steps):
+                float(loop(iterator, tf.constant(1, tf.int32))["total_loss"])
+            tf.profiler.experimental.stop()
+            ops = top_ops(logdir, FLAGS.profile_steps)
     return dict(
         config=name,
         mixed_precision=preset[0],
@@ -299,6 +369,7 @@ def run_worker(name: str, preset: tuple[str, bool, str, str]) -> dict:
             round(matmul_after / 1e9, 1),
         ],
         fraction_of_matmul=round(images_per_s * train_flops / matmul, 3),
+        top_ops=ops,
         loss_first=round(loss_first, 4),
         loss_last=round(loss, 4),
         load_avg_1min_start_end=[
@@ -354,6 +425,12 @@ def define_flags() -> None:
     )
     flags.DEFINE_integer(
         "num_images", 2048, "Random uint8 images in the in-memory dataset."
+    )
+    flags.DEFINE_integer(
+        "profile_steps",
+        2,
+        "Steps run under the TF profiler after the timing, for the op-time "
+        "breakdown (0: none).",
     )
     flags.DEFINE_float(
         "matmul_seconds", 2.0, "Time spent on each matmul measurement."
@@ -443,6 +520,7 @@ def _run_child(name: str) -> dict:
             "warmup_steps",
             "steps_per_loop",
             "num_images",
+            "profile_steps",
             "matmul_seconds",
             "matmul_n",
         )
@@ -516,6 +594,15 @@ def main(argv: list[str]) -> None:
         print(json.dumps(result), flush=True)
         results.append(result)
     print(format_table(results))
+    for result in results:
+        if result["top_ops"]:
+            print(
+                f"Op time per step, {result['config']} (TF profiler): "
+                + ", ".join(
+                    f"{o['op']} {o['ms_per_step']:.0f} ms ({o['share']:.0%})"
+                    for o in result["top_ops"]
+                )
+            )
     if "pipeline_only" in FLAGS.configs:
         result = _run_child("pipeline_only")
         print(json.dumps(result), flush=True)

@@ -100,6 +100,44 @@ def test_format_table_rows():
     )
 
 
+def test_top_ops_sums_executor_events_by_op_type(tmp_path):
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    space = xplane_pb2.XSpace()
+    plane = space.planes.add(name="/host:CPU")
+    names = {
+        1: "net/conv/Conv2D:Conv2D",
+        2: "net/add:AddV2",
+        3: "net/conv_1/Conv2D:Conv2D",
+        4: "ExecutorState::Process",
+    }
+    for i, name in names.items():
+        plane.event_metadata[i].id = i
+        plane.event_metadata[i].name = name
+    # (metadata id, duration in ms) on two executor threads; the python
+    # thread's and non-op events are not counted.
+    for line_name, events in (
+        ("tf_Compute/1", [(1, 30), (2, 10), (4, 500)]),
+        ("tf_Compute/2", [(3, 50), (2, 10)]),
+        ("python", [(1, 1000)]),
+    ):
+        line = plane.lines.add(name=line_name)
+        for metadata_id, ms in events:
+            line.events.add(metadata_id=metadata_id, duration_ps=ms * 10**9)
+    path = tmp_path / "plugins" / "profile" / "run" / "host.xplane.pb"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(space.SerializeToString())
+    # Two steps: Conv2D 80 ms -> 40 per step, 80 %; AddV2 20 -> 10, 20 %.
+    assert benchmark.top_ops(str(tmp_path), steps=2) == [
+        dict(op="Conv2D", ms_per_step=40.0, share=0.8),
+        dict(op="AddV2", ms_per_step=10.0, share=0.2),
+    ]
+    # k=1: the rest is summed as "other".
+    assert benchmark.top_ops(str(tmp_path), steps=2, k=1)[1] == dict(
+        op="other", ms_per_step=10.0, share=0.2
+    )
+
+
 @pytest.mark.slow
 def test_two_step_run_prints_json_and_table(tmp_path):
     out = tmp_path / "results.json"
@@ -132,3 +170,10 @@ def test_two_step_run_prints_json_and_table(tmp_path):
         3 * result["forward_gflops_per_image"], rel=1e-3
     )
     assert "| float32 |" in proc.stdout
+    # The profiled steps (--profile_steps, default 2) found the convolution
+    # ops of the step; shares are of the summed op time.
+    ops = {o["op"]: o for o in result["top_ops"]}
+    assert any("Conv2D" in op for op in ops), ops
+    assert sum(o["share"] for o in ops.values()) == pytest.approx(1, abs=0.01)
+    assert all(o["ms_per_step"] >= 0 for o in ops.values())
+    assert "Op time per step, float32" in proc.stdout
