@@ -3,7 +3,7 @@
 Usage:
   python scripts/grad_cache_memory.py [--batch_size=1024] \
       [--chunk_sizes=0,256,128] [--resnet_depth=18] [--image_size=32] \
-      [--max_rss_gib=16]
+      [--max_rss_gib=16] [--mixed_precision=bfloat16]
 
 For each chunk size (0 = the plain step) a fresh Python process builds the
 SimCLR model (`simclr_tf.models.factory.build_model`, CIFAR stem for
@@ -12,11 +12,13 @@ optimizer, random two-view images (batch, H, W, 6), and runs one training
 step as a `tf.function` on the CPU: NT-Xent (tau 0.5) + supervised CE +
 weight decay, gradients (plain tape, or
 `simclr_tf.training.grad_cache.grad_cache_gradients` with chunks of that
-many images), LARS update. The process reports its peak resident set size
-(`ru_maxrss`, which includes the TensorFlow runtime, the model, the optimizer
-slots and the step's tracing) and the RSS before the step; the parent prints
-a table. A process whose RSS passes --max_rss_gib is killed (reported as
-"> limit") so that the measurement cannot exhaust a shared machine.
+many images), LARS update, in float32 or under the `--mixed_precision`
+compute policy (as `run.py --mixed_precision`). The process reports its
+peak resident set size (`ru_maxrss`, which includes the TensorFlow runtime,
+the model, the optimizer slots and the step's tracing) and the RSS before
+the step; the parent prints a table. A process whose RSS passes
+--max_rss_gib is killed (reported as "> limit") so that the measurement
+cannot exhaust a shared machine.
 """
 
 import json
@@ -38,6 +40,12 @@ _DEPTH = flags.DEFINE_integer("resnet_depth", 18, "ResNet depth.")
 _IMAGE = flags.DEFINE_integer("image_size", 32, "Image side in pixels.")
 _MAX_RSS = flags.DEFINE_float(
     "max_rss_gib", 16.0, "Kill a measurement above this RSS (GiB)."
+)
+_PRECISION = flags.DEFINE_enum(
+    "mixed_precision",
+    "none",
+    ["none", "bfloat16"],
+    "Compute precision (none: float32; variables are float32 either way).",
 )
 _WORKER_CHUNK = flags.DEFINE_integer(
     "worker_chunk_size", None, "Internal: measure this chunk size here."
@@ -70,6 +78,9 @@ def _measure(chunk_size: int) -> dict:
             train_batch_size=batch,
             weight_decay=1e-4,
         )
+    )
+    keras.mixed_precision.set_global_policy(
+        "mixed_bfloat16" if _PRECISION.value == "bfloat16" else "float32"
     )
     keras.utils.set_random_seed(0)
     model = factory.build_model(config, num_classes=10)
@@ -131,6 +142,7 @@ def _run_child(chunk_size: int) -> dict:
         f"--batch_size={_BATCH.value}",
         f"--resnet_depth={_DEPTH.value}",
         f"--image_size={_IMAGE.value}",
+        f"--mixed_precision={_PRECISION.value}",
     ]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, env=env, text=True)
@@ -160,7 +172,8 @@ def main(argv: list[str]) -> None:
         return
     print(
         f"ResNet-{_DEPTH.value}, {_IMAGE.value}x{_IMAGE.value}, batch "
-        f"{_BATCH.value} (two views each), one LARS step on the CPU"
+        f"{_BATCH.value} (two views each), one LARS step on the CPU, "
+        f"mixed precision {_PRECISION.value}"
     )
     print("chunk | peak RSS GiB | RSS before step GiB | first step s")
     for chunk in map(int, _CHUNKS.value):
