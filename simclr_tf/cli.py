@@ -286,10 +286,11 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_enum(
     "mixed_precision",
-    "none",
+    "auto",
     config_lib.MIXED_PRECISIONS,
     "Compute dtype of the encoder and heads (variables stay float32; the "
-    "loss and logits are float32).",
+    "loss and logits are float32). auto: bfloat16 when training on CPUs "
+    "with native bfloat16 (AVX512-BF16/AMX), else none (float32).",
 )
 flags.DEFINE_bool("jit_compile", False, "Compile the training step with XLA.")
 flags.DEFINE_integer(

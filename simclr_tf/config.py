@@ -21,7 +21,7 @@ LR_SCALINGS = ("linear", "sqrt")
 PROJ_HEAD_MODES = ("none", "linear", "nonlinear")
 RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
 COLOR_JITTER_IMPLS = ("v1", "v2")
-MIXED_PRECISIONS = ("none", "bfloat16", "float16")
+MIXED_PRECISIONS = ("auto", "none", "bfloat16", "float16")
 
 # Prefix of `--dataset` that selects an image folder instead of TFDS.
 FOLDER_PREFIX = "folder:"
@@ -131,7 +131,7 @@ class RuntimeConfig:
     tpu_zone: str | None = None
     gcp_project: str | None = None
     master: str | None = None
-    mixed_precision: str = "none"
+    mixed_precision: str = "auto"
     jit_compile: bool = False
     cpu_replicas: int = 0
 

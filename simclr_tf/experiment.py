@@ -40,9 +40,15 @@ def build_model_and_optimizer(
             "which has no labels. Fine-tune on a labelled dataset (class "
             "subfolders) or use --train_mode=pretrain."
         )
-    keras.mixed_precision.set_global_policy(
-        _POLICIES[config.runtime.mixed_precision]
+    precision = distribute.resolve_mixed_precision(
+        config.runtime.mixed_precision, strategy
     )
+    logging.info(
+        "Compute precision: %s (--mixed_precision=%s).",
+        _POLICIES[precision],
+        config.runtime.mixed_precision,
+    )
+    keras.mixed_precision.set_global_policy(_POLICIES[precision])
     batch = config.train.train_batch_size
     total = config_lib.total_train_steps(config.train, info.num_train_examples)
     with strategy.scope():
@@ -53,7 +59,7 @@ def build_model_and_optimizer(
             config.optim, info.num_train_examples, batch, total
         )
         optimizer = schedules.build_optimizer(config.optim, schedule, model)
-        if config.runtime.mixed_precision == "float16":
+        if precision == "float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         optimizer.build(model.trainable_variables)
     return model, optimizer

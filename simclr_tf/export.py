@@ -398,6 +398,31 @@ def _prune_exports(base_dir: str, keep: int) -> None:
         tf.io.gfile.rmtree(os.path.join(base_dir, str(step)))
 
 
+def float32_copy(
+    config: config_lib.Config, model: keras.Model, num_classes: int | None
+) -> keras.Model:
+    """`model` if it computes in float32, else a float32 copy of it.
+
+    A run trained under a mixed-precision policy has layers that compute in
+    bfloat16 or float16; an export traced from them would compute so too,
+    on serving hardware that may lack those types. The copy is built by
+    `factory.build_model(config, num_classes)` under the float32 policy
+    (the arguments the run built `model` with) and takes every weight of
+    `model` (the variables are float32 either way).
+    """
+    if model.compute_dtype == "float32":
+        return model
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        copy = factory.build_model(config, num_classes)
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+    for target, source in zip(copy.weights, model.weights, strict=True):
+        target.assign(source)
+    return copy
+
+
 def export_run(
     config: config_lib.Config, model: keras.Model, info: Any, step: int
 ) -> str:
@@ -405,7 +430,8 @@ def export_run(
 
     Replaces an export of the same step and keeps the newest
     `config.train.keep_hub_module_max` exports (0 keeps all, as in the
-    reference).
+    reference). The export computes in float32 (`float32_copy`) whatever
+    precision trained the model.
 
     Args:
       config: the run's config.
@@ -422,7 +448,7 @@ def export_run(
         tf.io.gfile.rmtree(export_dir)
     metadata = run_metadata(config, step, getattr(info, "class_names", None))
     export_saved_model(
-        model,
+        float32_copy(config, model, info.num_classes),
         export_dir,
         image_size=config.data.image_size,
         metadata=metadata,

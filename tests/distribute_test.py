@@ -46,3 +46,56 @@ def test_tf_config_worker_count(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", "{not json")
     with pytest.raises(ConfigError, match="TF_CONFIG"):
         distribute.num_workers_in_tf_config()
+
+
+@pytest.mark.parametrize(
+    "flags_line, expected",
+    [
+        ("flags\t\t: fpu sse2 avx512f avx512_bf16 fma\n", True),
+        ("flags\t\t: fpu amx_tile amx_bf16\n", True),
+        ("flags\t\t: fpu sse2 avx512f avx512bw fma\n", False),
+    ],
+)
+def test_cpu_has_native_bfloat16_reads_the_flags(
+    tmp_path, flags_line, expected
+):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: X\n" + flags_line)
+    assert distribute.cpu_has_native_bfloat16(str(cpuinfo)) is expected
+
+
+def test_cpu_has_native_bfloat16_without_cpuinfo(tmp_path):
+    assert not distribute.cpu_has_native_bfloat16(str(tmp_path / "absent"))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bfloat16_only_on_a_native_bf16_cpu(
+    monkeypatch, native
+):
+    monkeypatch.setattr(distribute, "cpu_has_native_bfloat16", lambda: native)
+    one_cpu = tf.distribute.OneDeviceStrategy("/CPU:0")
+    expected = "bfloat16" if native else "none"
+    assert distribute.resolve_mixed_precision("auto", one_cpu) == expected
+    assert (
+        distribute.resolve_mixed_precision("auto", two_replica_strategy())
+        == expected
+    )
+    # An explicit choice is kept whatever the CPU.
+    for requested in ("none", "bfloat16", "float16"):
+        assert distribute.resolve_mixed_precision(requested, one_cpu) == (
+            requested
+        )
+
+
+def test_auto_precision_is_float32_off_the_cpu(monkeypatch):
+    monkeypatch.setattr(distribute, "cpu_has_native_bfloat16", lambda: True)
+
+    class FakeExtended:
+        worker_devices = ("/job:localhost/replica:0/task:0/device:GPU:0",)
+
+    class FakeGpuStrategy:
+        extended = FakeExtended()
+
+    assert distribute.resolve_mixed_precision("auto", FakeGpuStrategy()) == (
+        "none"
+    )

@@ -459,7 +459,7 @@ def test_export_run_writes_step_dir_and_keeps_newest(tmp_path, monkeypatch):
         num_classes=CLASSES,
         class_names=["a", "b", "c"],
     )
-    model = object()
+    model = types.SimpleNamespace(compute_dtype="float32")
     path = export.export_run(_config(str(tmp_path)), model, info, 7)
     assert path == str(base / "7")
     # keep_hub_module_max=1: only the newest numeric export stays.
@@ -470,6 +470,44 @@ def test_export_run_writes_step_dir_and_keeps_newest(tmp_path, monkeypatch):
     assert metadata["class_names"] == ["a", "b", "c"]
     assert metadata["global_step"] == 7
     assert metadata["resnet_depth"] == 18
+
+
+def test_export_of_a_bfloat16_run_computes_in_float32(tmp_path):
+    config = _config(str(tmp_path))
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = factory.build_model(config, CLASSES)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    images = tf.random.uniform((2, SIZE, SIZE, 3), seed=1)
+    bf16_out = model(images, training=False)
+    copy = export.float32_copy(config, model, CLASSES)
+    assert copy is not model and model.compute_dtype == "bfloat16"
+    assert {layer.compute_dtype for layer in copy._flatten_layers()} == {
+        "float32"
+    }
+    for a, b in zip(copy.weights, model.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # Same function up to bfloat16 rounding (8 significant bits).
+    f32_out = copy(images, training=False)
+    for key in ("final_avg_pool", "logits_sup"):
+        np.testing.assert_allclose(
+            f32_out[key], bf16_out[key], rtol=0.05, atol=0.05
+        )
+    # The exported serving graph holds no bfloat16 tensor.
+    info = types.SimpleNamespace(num_classes=CLASSES, class_names=None)
+    path = export.export_run(config, model, info, 1)
+    loaded = tf.saved_model.load(path)
+    graph = loaded.signatures["serving_images"].graph
+    dtypes = {t.dtype for op in graph.get_operations() for t in op.outputs}
+    for function in graph.as_graph_def().library.function:
+        dtypes |= {
+            tf.as_dtype(v.type)
+            for node in function.node_def
+            for k, v in node.attr.items()
+            if k in ("T", "DstT", "SrcT", "dtype") and v.type
+        }
+    assert tf.float32 in dtypes and tf.bfloat16 not in dtypes
 
 
 def test_num_classes_in_checkpoint_without_supervised_head(tmp_path):
