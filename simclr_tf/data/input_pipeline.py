@@ -38,25 +38,16 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from simclr_tf import config as config_lib
-from simclr_tf.data import augment
+from simclr_tf.data import augment, folders
+from simclr_tf.data.folders import NO_LABEL, DatasetError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 # Shuffle buffer = per-replica batch x this (reference `data.py`).
 SHUFFLE_MULTIPLIER_SMALL = 50  # image_size <= 32
 SHUFFLE_MULTIPLIER = 10
-# Held-out examples are chosen with this fixed seed, independent of --seed,
-# so that every run of one folder evaluates on the same images.
-HOLDOUT_SEED = 0
-# Unlabeled examples carry this label.
-NO_LABEL = -1
 AUTOTUNE = tf.data.AUTOTUNE
 
 # The trainer logs this grid as an image summary.
 augmentation_grid = augment.augmentation_grid
-
-
-class DatasetError(config_lib.ConfigError):
-    """A dataset that cannot be read as configured (the message says why)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,251 +67,6 @@ class DatasetInfo:
     num_classes: int | None
     class_names: tuple[str, ...] | None = None
     num_skipped_files: int = 0
-
-
-def _is_folder(data: config_lib.DataConfig) -> bool:
-    return data.dataset.startswith(config_lib.FOLDER_PREFIX)
-
-
-def _folder_root(data: config_lib.DataConfig) -> str:
-    return data.dataset[len(config_lib.FOLDER_PREFIX) :]
-
-
-# --------------------------------------------------------------------------
-# Image folders.
-
-
-@dataclasses.dataclass(frozen=True)
-class _Folder:
-    """A scanned image folder: readable files per split."""
-
-    root: str
-    has_split_dirs: bool
-    class_names: tuple[str, ...] | None
-    # split name -> (paths, labels); labels are NO_LABEL when unlabeled.
-    splits: dict[str, tuple[tuple[str, ...], tuple[int, ...]]]
-    num_skipped: int
-
-
-def _is_image(name: str) -> bool:
-    # Hidden files are skipped: e.g. macOS "._x.jpg" resource forks.
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
-
-
-def _subdirs(path: str) -> list[str]:
-    names = (n.rstrip("/") for n in tf.io.gfile.listdir(path))
-    return sorted(
-        n
-        for n in names
-        if not n.startswith(".") and tf.io.gfile.isdir(os.path.join(path, n))
-    )
-
-
-def _images_in(path: str, recursive: bool) -> list[str]:
-    if not recursive:
-        names = tf.io.gfile.listdir(path)
-        return sorted(os.path.join(path, n) for n in names if _is_image(n))
-    found = []
-    for dirpath, _, files in tf.io.gfile.walk(path):
-        found += [os.path.join(dirpath, f) for f in files if _is_image(f)]
-    return sorted(found)
-
-
-def _read_split_dir(
-    path: str, class_names: tuple[str, ...] | None
-) -> tuple[list[str], list[int], tuple[str, ...] | None]:
-    """Lists one split directory: class subfolders, or flat images.
-
-    Args:
-      path: the split directory.
-      class_names: the train split's classes to map folder names onto, or
-        None to take them from this directory.
-
-    Returns:
-      (paths, labels, class_names); class_names None when unlabeled.
-
-    Raises:
-      DatasetError: a class folder that the train split does not have.
-    """
-    classes = {
-        c: _images_in(os.path.join(path, c), True) for c in _subdirs(path)
-    }
-    classes = {c: files for c, files in classes.items() if files}
-    loose = _images_in(path, recursive=False)
-    if not classes:
-        return loose, [NO_LABEL] * len(loose), None
-    if loose:
-        logging.warning(
-            "Ignoring %d image(s) directly in %s: with class subfolders "
-            "present, images must be inside one (e.g. %s).",
-            len(loose),
-            path,
-            loose[0],
-        )
-    names = tuple(classes) if class_names is None else class_names
-    unknown = sorted(set(classes) - set(names))
-    if unknown:
-        raise DatasetError(
-            f"Class folder(s) {unknown} in {path} are not classes of the "
-            f"train split ({len(names)} classes: {list(names)[:10]}...). Use "
-            "the same class folder names in every split."
-        )
-    paths, labels = [], []
-    for label, name in enumerate(names):
-        files = classes.get(name, [])
-        paths += files
-        labels += [label] * len(files)
-    return paths, labels, names
-
-
-def _holdout(
-    paths: list[str], labels: list[int], fraction: float
-) -> tuple[list[int], list[int]]:
-    """Deterministic per-class split of indices into (kept, held out)."""
-    rng = np.random.default_rng(HOLDOUT_SEED)
-    kept, held = [], []
-    labels_np = np.asarray(labels)
-    for label in np.unique(labels_np):
-        idx = np.flatnonzero(labels_np == label)
-        idx = idx[rng.permutation(len(idx))]
-        n_held = int(round(fraction * len(idx)))
-        held += idx[:n_held].tolist()
-        kept += idx[n_held:].tolist()
-    return sorted(kept), sorted(held)
-
-
-def _decode(encoded: tf.Tensor) -> tf.Tensor:
-    """Encoded JPEG/PNG/BMP/GIF bytes -> (H, W, 3) uint8 (GIF: 1st frame)."""
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-    image.set_shape([None, None, 3])
-    return image
-
-
-def _readable(paths: list[str]) -> np.ndarray:
-    """A boolean mask of the files that read and decode without error."""
-    ok = np.zeros(len(paths), bool)
-    if not paths:
-        return ok
-    if len(paths) > 10000:
-        logging.info("Checking that %d image files decode.", len(paths))
-
-    def check(i, path):
-        return i, tf.shape(_decode(tf.io.read_file(path)))
-
-    ds = tf.data.Dataset.from_tensor_slices(paths).enumerate()
-    ds = ds.map(check, num_parallel_calls=AUTOTUNE).ignore_errors()
-    for index, _ in ds.batch(4096).as_numpy_iterator():
-        ok[index] = True
-    return ok
-
-
-@functools.lru_cache(maxsize=8)
-def _scan_folder(
-    root: str, train_split: str, eval_split: str, holdout_fraction: float
-) -> _Folder:
-    """Lists, labels, splits and checks an image folder (once per process).
-
-    Raises:
-      DatasetError: not a directory, no images, or inconsistent classes.
-    """
-    shown = f"{config_lib.FOLDER_PREFIX}{root}"
-    if not tf.io.gfile.isdir(root):
-        raise DatasetError(
-            f"Received: dataset={shown!r}, but {root} is not a directory. "
-            "Give an existing folder of images."
-        )
-    raw = {}  # split -> (paths, labels)
-    split_dirs = tf.io.gfile.isdir(os.path.join(root, train_split))
-    if split_dirs:
-        paths, labels, classes = _read_split_dir(
-            os.path.join(root, train_split), None
-        )
-        raw[train_split] = (paths, labels)
-        for name in _subdirs(root):
-            if name != train_split:
-                p, lab, _ = _read_split_dir(os.path.join(root, name), classes)
-                if p:
-                    raw[name] = (p, lab if classes else [NO_LABEL] * len(p))
-    else:
-        paths, labels, classes = _read_split_dir(root, None)
-        kept, held = _holdout(paths, labels, holdout_fraction)
-        raw[train_split] = ([paths[i] for i in kept], [labels[i] for i in kept])
-        if held:
-            raw[eval_split] = (
-                [paths[i] for i in held],
-                [labels[i] for i in held],
-            )
-    if not raw[train_split][0]:
-        raise DatasetError(
-            f"Received: dataset={shown!r}, but no images "
-            f"({', '.join(IMAGE_EXTENSIONS)}) were found in "
-            f"{os.path.join(root, train_split) if split_dirs else root}. "
-            "Put images there, in one subfolder per class for labels."
-        )
-    return _check_folder(root, split_dirs, classes, raw, eval_split)
-
-
-def _check_folder(root, split_dirs, classes, raw, eval_split) -> _Folder:
-    """Drops unreadable files (one warning) and reports missing classes."""
-    all_paths = [p for paths, _ in raw.values() for p in paths]
-    ok = dict(zip(all_paths, _readable(all_paths), strict=True))
-    bad = [p for p in all_paths if not ok[p]]
-    if bad:
-        logging.warning(
-            "Skipped %d unreadable image file(s) of %d in %s (corrupt, "
-            "truncated or not an image), e.g. %s.",
-            len(bad),
-            len(all_paths),
-            root,
-            ", ".join(bad[:3]),
-        )
-    splits = {}
-    for name, (paths, labels) in raw.items():
-        good = [(p, y) for p, y in zip(paths, labels, strict=True) if ok[p]]
-        splits[name] = (tuple(p for p, _ in good), tuple(y for _, y in good))
-    if classes and eval_split in splits:
-        present = set(splits[eval_split][1])
-        missing = [c for i, c in enumerate(classes) if i not in present]
-        if missing:
-            logging.warning(
-                "The eval split %r of %s has no images of %d of %d classes "
-                "(e.g. %s); their accuracy is not measured.",
-                eval_split,
-                root,
-                len(missing),
-                len(classes),
-                ", ".join(missing[:5]),
-            )
-    return _Folder(root, split_dirs, classes, splits, len(bad))
-
-
-def _folder(data: config_lib.DataConfig) -> _Folder:
-    return _scan_folder(
-        _folder_root(data),
-        data.train_split,
-        data.eval_split,
-        data.holdout_fraction,
-    )
-
-
-def _folder_split(folder: _Folder, split: str, data) -> tuple:
-    if split not in folder.splits:
-        if folder.has_split_dirs:
-            hint = (
-                f"use one of {sorted(folder.splits)}, or add a {split}/ "
-                f"subfolder of images to {folder.root}"
-            )
-        else:
-            hint = (
-                f"set --holdout_fraction (e.g. 0.1) to hold out part of "
-                f"{folder.root} as {split!r}, or use split subfolders "
-                f"({data.train_split}/, {split}/)"
-            )
-        raise DatasetError(
-            f"Received: split={split!r}, which {data.dataset!r} does not "
-            f"have: {hint}."
-        )
-    return folder.splits[split]
 
 
 # --------------------------------------------------------------------------
@@ -456,11 +202,11 @@ def get_dataset_info(data: config_lib.DataConfig) -> DatasetInfo:
       DatasetError: unknown or unprepared TFDS dataset, bad train split,
         missing or empty folder.
     """
-    if _is_folder(data):
-        folder = _folder(data)
+    if folders.is_folder(data):
+        folder = folders.scan(data)
 
         def count(split):
-            return len(_folder_split(folder, split, data)[0])
+            return len(folders.split_examples(folder, split, data)[0])
 
         classes = folder.class_names
         return DatasetInfo(
@@ -500,12 +246,12 @@ def _encoded_source(data, split, input_context, shuffle_files, shuffle_seed):
     sharded per input pipeline; also returns the record -> uint8 loader."""
     n = input_context.num_input_pipelines if input_context else 1
     pid = input_context.input_pipeline_id if input_context else 0
-    if _is_folder(data):
-        paths, labels = _folder_split(_folder(data), split, data)
+    if folders.is_folder(data):
+        paths, labels = folders.split_examples(folders.scan(data), split, data)
         ds = tf.data.Dataset.from_tensor_slices(
             (list(paths), np.asarray(labels, np.int64))
         )
-        return ds.shard(n, pid), lambda p: _decode(tf.io.read_file(p))
+        return ds.shard(n, pid), lambda p: folders.decode(tf.io.read_file(p))
     builder = _tfds_builder(data)
     image_key, label_key = _tfds_keys(builder)
     # Shard by file when every pipeline gets files, else by example.
@@ -522,7 +268,7 @@ def _encoded_source(data, split, input_context, shuffle_files, shuffle_seed):
         label = example[label_key] if label_key else tf.constant(NO_LABEL)
         return example[image_key], tf.cast(label, tf.int64)
 
-    return ds.map(record, num_parallel_calls=AUTOTUNE), _decode
+    return ds.map(record, num_parallel_calls=AUTOTUNE), folders.decode
 
 
 def build_source(
@@ -541,8 +287,8 @@ def build_source(
 
 
 def _num_classes(data: config_lib.DataConfig) -> int | None:
-    if _is_folder(data):
-        classes = _folder(data).class_names
+    if folders.is_folder(data):
+        classes = folders.scan(data).class_names
         return len(classes) if classes else None
     builder = _tfds_builder(data)
     _, label_key = _tfds_keys(builder)
