@@ -281,11 +281,11 @@ def run_worker(name: str, preset: tuple[str, bool, str, str]) -> dict:
 
     from simclr_tf import distribute, experiment
     from simclr_tf.data import input_pipeline
-    from simclr_tf.models import resnet
+    from simclr_tf.models import layers
     from simclr_tf.training import step as step_lib
 
     if preset[3] == "off":  # Keras 3's own (unfused) batch norm everywhere.
-        resnet.BatchNorm._fused_training = lambda self, *args: False
+        layers.BatchNorm._fused_training = lambda self, *args: False
     num_classes = 10
     config = _config(preset)
     strategy = distribute.build_strategy(config.runtime)

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from simclr_tf import config as config_lib
-from simclr_tf.models import factory, heads, resnet
+from simclr_tf.models import factory, heads, layers
 
 # PARAMS.md, every row: (depth, sk_ratio, image_size, classes) ->
 # (total trainable, total non-trainable, encoder trainable, encoder
@@ -207,7 +207,7 @@ def test_model_options_are_passed():
     # Selector -1: the supervised head reads the 32-wide projection.
     assert tuple(model.supervised_head.dense.kernel.shape) == (32, 7)
     assert isinstance(
-        enc.block_groups[0].blocks[0].se, resnet.SqueezeExcitation
+        enc.block_groups[0].blocks[0].se, layers.SqueezeExcitation
     )
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclr_tf.models import resnet
+from simclr_tf.models import layers, resnet
 from tests.helpers import two_replica_strategy
 
 EPS = 1e-5  # SPEC.md §3
@@ -250,7 +250,7 @@ def test_resnet50_224_shapes(sk):
 
 @pytest.mark.parametrize("k, size", [(3, 6), (3, 7), (7, 9), (1, 5)])
 def test_fixed_padding_conv(k, size):
-    layer = resnet.Conv2DFixedPadding(4, k, 2)
+    layer = layers.Conv2DFixedPadding(4, k, 2)
     x = np.random.default_rng(1).normal(size=(2, size, size, 3))
     y = layer(x.astype("float32")).numpy()
     pad = k - 1  # SPEC.md §3: total k - 1, begin (k - 1) // 2
@@ -262,7 +262,7 @@ def test_fixed_padding_conv(k, size):
 
 
 def test_stride1_conv_is_same():
-    layer = resnet.Conv2DFixedPadding(4, 3, 1)
+    layer = layers.Conv2DFixedPadding(4, 3, 1)
     x = np.random.default_rng(2).normal(size=(1, 5, 5, 2))
     y = layer(x.astype("float32"))
     ref = np_conv(x, layer.kernel.numpy(), 1, (1, 1))
@@ -270,7 +270,7 @@ def test_stride1_conv_is_same():
 
 
 def test_conv_initializer_is_truncated_fan_in():
-    layer = resnet.Conv2DFixedPadding(256, 3, 1)
+    layer = layers.Conv2DFixedPadding(256, 3, 1)
     layer.build((None, None, None, 128))
     w = layer.kernel.numpy()
     std = math.sqrt(1.0 / (3 * 3 * 128))  # VarianceScaling(1, fan_in)
@@ -280,7 +280,7 @@ def test_conv_initializer_is_truncated_fan_in():
 
 
 def test_sk_conv_matches_numpy():
-    layer = resnet.SelectiveKernelConv(4, 2, 0.0625, global_bn=False)
+    layer = layers.SelectiveKernelConv(4, 2, 0.0625, global_bn=False)
     layer.build((None, None, None, 3))
     randomize(layer, 3)
     x = np.random.default_rng(4).normal(size=(2, 6, 6, 3))
@@ -300,7 +300,7 @@ def test_sk_conv_matches_numpy():
 
 
 def test_squeeze_excitation_matches_numpy():
-    layer = resnet.SqueezeExcitation(6, 2)
+    layer = layers.SqueezeExcitation(6, 2)
     layer.build((None, None, None, 6))
     randomize(layer, 5)
     x = np.random.default_rng(6).normal(size=(2, 3, 3, 6))
@@ -480,9 +480,9 @@ def test_checkpoint_tracks_every_variable(tmp_path):
 @pytest.mark.parametrize(
     "layer",
     [
-        resnet.Conv2DFixedPadding(8, 7, 2),
-        resnet.SelectiveKernelConv(8, 2, 0.0625, 0.95, False),
-        resnet.SqueezeExcitation(8, 2),
+        layers.Conv2DFixedPadding(8, 7, 2),
+        layers.SelectiveKernelConv(8, 2, 0.0625, 0.95, False),
+        layers.SqueezeExcitation(8, 2),
         resnet.BasicBlock(8, 2, use_projection=True, sk_ratio=0.0625),
         resnet.BottleneckBlock(8, 1, use_projection=True, se_ratio=0.25),
         resnet.BlockGroup(8, "bottleneck", 2, 2, 0.0625, 0.0, 0.9, False),
@@ -507,7 +507,7 @@ def test_layer_config_round_trip(layer):
 
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
 def test_fused_batch_norm_matches_the_batch_norm_formula(policy):
-    # resnet.BatchNorm's fused training path (the performance change the
+    # layers.BatchNorm's fused training path (the performance change the
     # benchmark measures) against BN written out: batch mean, biased
     # variance, eps 1e-5, moving averages with momentum 0.9.
     keras.mixed_precision.set_global_policy(policy)
@@ -516,7 +516,7 @@ def test_fused_batch_norm_matches_the_batch_norm_formula(policy):
         r = tf.random.stateless_normal((8, 5, 5, 6), [3, 4])
         gamma = tf.random.stateless_normal((6,), [5, 6])
         beta = 0.5 * gamma
-        layer = resnet.batch_norm(0.9, global_bn=True)
+        layer = layers.batch_norm(0.9, global_bn=True)
         layer.build(x.shape)
         layer.gamma.assign(gamma)
         layer.beta.assign(beta)
@@ -557,8 +557,8 @@ def test_synchronized_batch_norm_over_two_replicas_is_not_fused():
     strategy = two_replica_strategy()
     x = tf.zeros((2, 3, 3, 4))
     with strategy.scope():
-        synced = resnet.batch_norm(0.9, global_bn=True)
-        local = resnet.batch_norm(0.9, global_bn=False)
+        synced = layers.batch_norm(0.9, global_bn=True)
+        local = layers.batch_norm(0.9, global_bn=False)
 
     def decisions():
         return tf.constant(

@@ -9,8 +9,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from simclr_tf.models import resnet
-from simclr_tf.models.resnet import build_once
+from simclr_tf.models import layers as layers_lib
+from simclr_tf.models.layers import build_once
 
 PROJ_HEAD_MODES = ("none", "linear", "nonlinear")
 
@@ -56,7 +56,7 @@ class LinearLayer(keras.layers.Layer):
         self.dense = None  # Created in build: `units` may be the input width.
         self.bn = None
         if use_bn:
-            self.bn = resnet.batch_norm(
+            self.bn = layers_lib.batch_norm(
                 batch_norm_decay, global_bn, center=use_bias, name="bn"
             )
 
@@ -166,7 +166,7 @@ class ProjectionHead(keras.layers.Layer):
                     **bn_kwargs,
                 )
             )
-        self._layer_names = resnet.set_layer_attributes(self, layers)
+        self._layer_names = layers_lib.set_layer_attributes(self, layers)
 
     @property
     def linear_layers(self) -> list[LinearLayer]:

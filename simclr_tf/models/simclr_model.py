@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from simclr_tf.models import heads as heads_lib
 from simclr_tf.models import resnet as resnet_lib
-from simclr_tf.models.resnet import build_once
+from simclr_tf.models.layers import build_once
 
 IMAGE_CHANNELS = 3
 
