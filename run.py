@@ -5,7 +5,8 @@ Usage:
       --model_dir=/tmp/simclr
   python run.py --flagfile=flags/cifar10_pretrain.cfg --model_dir=/tmp/c10
 
-All flags are defined in simclr_tf/cli.py (`python run.py --helpfull`).
+Every flag is a field of simclr_tf/config.py, defined as a flag by
+simclr_tf/cli.py (`python run.py --helpfull`).
 """
 
 import sys
@@ -17,8 +18,9 @@ from simclr_tf.config import ConfigError
 
 
 def parse_and_validate(argv: list[str]) -> list[str]:
-    """Parses flags and validates them before any TensorFlow work, so that
-    `--only_check_args` also checks values."""
+    """Parses flags and builds the config (which checks every value)
+    before any TensorFlow work, so that `--only_check_args` also checks
+    values."""
     remaining = app.parse_flags_with_usage(argv)
     try:
         cli.config_from_flags()
@@ -38,11 +40,11 @@ def main(argv: list[str]) -> None:
             "for checkpoints, logs and results.\n"
         )
         sys.exit(2)
-    cli.write_flags_file(config.train.model_dir)
+    cli.write_flags_file(config.train.model_dir, config)
     # Imported here so that flag errors and --helpfull need no TensorFlow.
     from simclr_tf import experiment
 
-    logging.info("Flags used:\n%s", cli.flags_file_text())
+    logging.info("Flags used:\n%s", cli.flags_file_text(config))
     try:
         experiment.run(config)
     except ConfigError as e:

@@ -60,23 +60,22 @@ def main(argv: list[str]) -> None:
     from simclr_tf import config
     from simclr_tf.data import input_pipeline
 
-    data = config.DataConfig(
-        dataset=_DATASET.value,
-        data_dir=_DATA_DIR.value,
-        # Folders: `train` finds split subfolders; any other --split is a
-        # subfolder, or the held-out part (--holdout_fraction).
-        eval_split=_SPLIT.value,
-        image_size=_IMAGE_SIZE.value,
-        color_jitter_strength=_STRENGTH.value,
-        color_jitter_impl=_IMPL.value,
-        use_blur=_USE_BLUR.value,
-        min_crop_area=_MIN_CROP_AREA.value,
-        use_flip=_USE_FLIP.value,
-        holdout_fraction=_HOLDOUT.value,
-        seed=_SEED.value,
-    )
     try:
-        config.validate(config.Config(data=data))
+        data = config.DataConfig(
+            dataset=_DATASET.value,
+            data_dir=_DATA_DIR.value,
+            # Folders: `train` finds split subfolders; any other --split is a
+            # subfolder, or the held-out part (--holdout_fraction).
+            eval_split=_SPLIT.value,
+            image_size=_IMAGE_SIZE.value,
+            color_jitter_strength=_STRENGTH.value,
+            color_jitter_impl=_IMPL.value,
+            use_blur=_USE_BLUR.value,
+            min_crop_area=_MIN_CROP_AREA.value,
+            use_flip=_USE_FLIP.value,
+            holdout_fraction=_HOLDOUT.value,
+            seed=_SEED.value,
+        )
         grid = input_pipeline.preview_grid(
             data,
             split=_SPLIT.value,

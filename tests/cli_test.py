@@ -239,3 +239,23 @@ def test_data_error_after_parsing_is_one_line(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "no_such_folder" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_flags_file_of_a_config_is_what_absl_serializes(tmp_path):
+    # A config built without flags (as scripts do) writes the same lines
+    # absl writes for the flags that parse to it, and replays to it.
+    config = config_lib.replace(
+        _parse(f"--flagfile={ROOT / 'flags' / 'quickstart.cfg'}"),
+        model_dir=str(tmp_path),
+        train_mode="finetune",
+        fine_tune_after_block=4,
+        use_flip=True,
+        weight_decay=0.0,
+        checkpoint="/some ckpt",
+    )
+    cli.write_flags_file(str(tmp_path), config)
+    replayed = _parse(f"--flagfile={tmp_path / 'flags.cfg'}")
+    assert replayed == config
+    absl_lines = [cli.FLAGS[name].serialize() for name in cli.FLAG_NAMES]
+    written = (tmp_path / "flags.cfg").read_text().splitlines()
+    assert written == [line for line in absl_lines if line]

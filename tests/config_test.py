@@ -63,7 +63,7 @@ def _config(**flat):
 )
 def test_each_rule_names_the_value(flat, fragment):
     with pytest.raises(ConfigError) as e:
-        config_lib.validate(_config(**flat))
+        _config(**flat)
     message = str(e.value)
     assert fragment in message
     assert "\n" not in message
@@ -81,7 +81,7 @@ def test_valid_edges_pass():
         {"image_size": 8},
         {"train_steps": 5, "train_epochs": 0},
     ]:
-        config_lib.validate(_config(**flat))
+        _config(**flat)
 
 
 def test_defaults_are_the_reference_defaults():
@@ -207,3 +207,61 @@ def test_config_module_does_not_import_tensorflow():
         "assert 'tensorflow' not in sys.modules, 'tensorflow imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_group_checks_itself_on_construction_and_replace():
+    # No separate validation step: an invalid group cannot be built, also
+    # not by dataclasses.replace.
+    with pytest.raises(ConfigError, match="resnet_depth=42"):
+        config_lib.ModelConfig(resnet_depth=42)
+    with pytest.raises(ConfigError, match="temperature=0"):
+        dataclasses.replace(config_lib.LossConfig(), temperature=0)
+    with pytest.raises(ConfigError, match="knn_k=-1"):
+        config_lib.replace(config_lib.Config(), knn_k=-1)
+
+
+def test_replace_changes_fields_across_groups_by_flag_name():
+    base = _config(resnet_depth=18, seed=3)
+    changed = config_lib.replace(
+        base, train_mode="finetune", fine_tune_after_block=4, image_size=32
+    )
+    assert changed.train.train_mode == "finetune"
+    assert changed.train.fine_tune_after_block == 4
+    assert changed.data.image_size == 32
+    # Untouched fields and groups keep their values.
+    assert changed.model == base.model and changed.data.seed == 3
+    assert changed.loss is base.loss
+    with pytest.raises(ConfigError, match="temprature"):
+        config_lib.replace(base, temprature=0.5)
+
+
+def test_every_field_has_a_help_text_and_enums_their_choices():
+    for f in config_lib.fields():
+        assert f.metadata["help"].strip(), f.name
+    choices = {
+        f.name: f.metadata["choices"]
+        for f in config_lib.fields()
+        if "choices" in f.metadata
+    }
+    assert choices == {
+        "color_jitter_impl": ("v1", "v2"),
+        "resnet_depth": (18, 34, 50, 101, 152, 200),
+        "proj_head_mode": ("none", "linear", "nonlinear"),
+        "optimizer": ("momentum", "adam", "lars"),
+        "learning_rate_scaling": ("linear", "sqrt"),
+        "mode": ("train", "eval", "train_then_eval"),
+        "train_mode": ("pretrain", "finetune"),
+        "mixed_precision": ("auto", "none", "bfloat16", "float16"),
+    }
+    for f in config_lib.fields():
+        if "choices" in f.metadata:
+            assert f.default in f.metadata["choices"], f.name
+
+
+def test_constants_shared_with_the_layers_agree():
+    # config.py cannot import the Keras layers (no TensorFlow there), so
+    # the values both sides accept are tied here.
+    from simclr_tf.models import heads, resnet
+
+    assert config_lib.PROJ_HEAD_MODES == heads.PROJ_HEAD_MODES
+    assert sorted(config_lib.RESNET_DEPTHS) == sorted(resnet.BLOCKS)

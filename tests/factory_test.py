@@ -157,9 +157,13 @@ def test_fine_tune_after_block_only_when_finetuning():
     fine(tf.random.uniform((4, 32, 32, 3), seed=2), training=True)
     for v, old in zip(fine.encoder.weights, before, strict=True):
         np.testing.assert_array_equal(v.numpy(), old)
-    # The validated config rejects it in pretraining; the factory, given an
-    # unvalidated one, does not freeze.
-    pre = factory.build_model(make_config(fine_tune_after_block=2), 10)
+    # A config rejects it in pretraining (ConfigError); the factory, given
+    # one forged past that check, does not freeze.
+    with pytest.raises(config_lib.ConfigError, match="fine_tune_after_block"):
+        make_config(fine_tune_after_block=2)
+    forged = make_config(train_steps=1)  # A TrainConfig of its own.
+    object.__setattr__(forged.train, "fine_tune_after_block", 2)
+    pre = factory.build_model(forged, 10)
     assert all(p.trainable for p in pre.encoder.parts)
 
 

@@ -172,9 +172,8 @@ def test_zero_init_residual_bn_sets_the_last_bn_gamma(zero_init):
 
 
 def test_resnet_base_width_is_validated():
-    bad = config_lib.Config(model=config_lib.ModelConfig(resnet_base_width=7))
     with pytest.raises(config_lib.ConfigError, match="resnet_base_width=7"):
-        config_lib.validate(bad)
+        config_lib.Config(model=config_lib.ModelConfig(resnet_base_width=7))
 
 
 def _parse_flag(value: str, default):
@@ -212,7 +211,7 @@ def test_tiny_folder_run_then_plots(tmp_path, digits_root):
         model_dir=str(tmp_path / "run"),
         keep_hub_module_max=0,
     )
-    config = config_lib.validate(config_lib.from_flat(flat))
+    config = config_lib.from_flat(flat)
     results = experiment.run(config)
     assert 0.0 <= results["eval/knn_top_1_accuracy"] <= 1.0
     paths = plot_run.plot_runs(

@@ -26,7 +26,7 @@ def _config(**overrides):
         learning_rate=1.0,
     )
     flat.update(overrides)
-    return config_lib.validate(config_lib.from_flat(flat))
+    return config_lib.from_flat(flat)
 
 
 def _one_step(strategy, config, weights, images, labels):
