@@ -165,12 +165,14 @@ def write_preview(model_dir: str, path: str, num_images: int = 8) -> str:
     import tensorflow as tf
 
     from simclr_tf import config as config_lib
-    from simclr_tf.data import input_pipeline
+    from simclr_tf.data import input_pipeline, sources
 
     with open(os.path.join(model_dir, "config.json")) as f:
-        config = config_lib.from_flat(json.load(f))
-    grid = input_pipeline.preview_grid(config.data, num_images=num_images)
-    scale = max(1, -(-PREVIEW_CELL_PIXELS // config.data.image_size))
+        data = config_lib.from_flat(json.load(f)).data
+    grid = input_pipeline.preview_grid(
+        sources.open_source(data), data, num_images=num_images
+    )
+    scale = max(1, -(-PREVIEW_CELL_PIXELS // data.image_size))
     pixels = np.round(grid.numpy()[0] * 255).astype(np.uint8)
     pixels = pixels.repeat(scale, axis=0).repeat(scale, axis=1)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

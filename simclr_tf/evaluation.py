@@ -17,7 +17,7 @@ from absl import logging
 
 from simclr_tf import config as config_lib
 from simclr_tf import schedules
-from simclr_tf.data import input_pipeline
+from simclr_tf.data import input_pipeline, sources
 
 FEATURE_KEY = "final_avg_pool"
 
@@ -75,7 +75,7 @@ def _features_and_labels(model, dataset, max_batches=None):
 def knn_accuracy(
     config: config_lib.Config,
     model: keras.Model,
-    info: input_pipeline.DatasetInfo,
+    source: sources.Source,
 ) -> float:
     """Top-1 accuracy of the weighted kNN monitor on the eval split, with
     `knn_train_examples` training images (eval preprocessing) as bank."""
@@ -84,11 +84,7 @@ def knn_accuracy(
 
     def split_dataset(split):
         return input_pipeline.build_dataset(
-            data,
-            batch_size=batch,
-            is_training=False,
-            pretrain=False,
-            split=split,
+            source, data, batch_size=batch, is_training=False, split=split
         )
 
     bank_batches = -(-ev.knn_train_examples // batch)
@@ -104,7 +100,7 @@ def knn_accuracy(
         query,
         bank,
         bank_labels,
-        num_classes=info.num_classes,
+        num_classes=source.info.num_classes,
         k=ev.knn_k,
         temperature=ev.knn_temperature,
     )
@@ -117,18 +113,18 @@ def linear_accuracy(
     config: config_lib.Config,
     strategy: tf.distribute.Strategy,
     model: keras.Model,
-    info: input_pipeline.DatasetInfo,
+    source: sources.Source,
 ) -> tuple[float, float]:
     """Top-1 and top-5 accuracy of the supervised head on the eval split."""
     dataset = input_pipeline.build_distributed_dataset(
         strategy,
+        source,
         config.data,
         global_batch_size=config.eval.eval_batch_size,
         is_training=False,
-        pretrain=False,
         split=config.data.eval_split,
     )
-    top = min(5, info.num_classes)
+    top = min(5, source.info.num_classes)
 
     @tf.function
     def eval_step(images, one_hot):
@@ -166,21 +162,21 @@ def evaluate(
     config: config_lib.Config,
     strategy: tf.distribute.Strategy,
     model: keras.Model,
-    info: input_pipeline.DatasetInfo,
+    source: sources.Source,
     step: int,
 ) -> dict[str, float]:
     """All eval metrics of the current weights, keyed by TensorBoard name."""
     results: dict[str, float] = {"global_step": step}
-    labelled = info.num_classes is not None
+    labelled = source.info.num_classes is not None
     if labelled and model.supervised_head is not None:
-        top1, top5 = linear_accuracy(config, strategy, model, info)
+        top1, top5 = linear_accuracy(config, strategy, model, source)
         results["eval/label_top_1_accuracy"] = top1
         results["eval/label_top_5_accuracy"] = top5
     results["eval/regularization_loss"] = float(
         schedules.weight_decay_loss(model, config.optim)
     )
     if labelled and config.eval.knn_k:
-        results["eval/knn_top_1_accuracy"] = knn_accuracy(config, model, info)
+        results["eval/knn_top_1_accuracy"] = knn_accuracy(config, model, source)
     logging.info("Eval at step %d: %s", step, results)
     return results
 

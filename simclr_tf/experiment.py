@@ -1,4 +1,5 @@
-"""Runs one experiment: strategy, data, model, then train / eval / both."""
+"""Runs one experiment: strategy, data source, model, then train / eval /
+both."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from absl import logging
 import simclr_tf
 from simclr_tf import config as config_lib
 from simclr_tf import distribute, evaluation, export, schedules
-from simclr_tf.data import input_pipeline
+from simclr_tf.data import sources
 from simclr_tf.models import factory
 from simclr_tf.training import checkpoints, trainer
 
@@ -26,7 +27,7 @@ _POLICIES = {
 def build_model_and_optimizer(
     config: config_lib.Config,
     strategy: tf.distribute.Strategy,
-    info: input_pipeline.DatasetInfo,
+    info: sources.DatasetInfo,
 ) -> tuple[keras.Model, keras.optimizers.Optimizer]:
     """Builds the model, its schedule and optimizer inside the strategy.
 
@@ -65,8 +66,8 @@ def build_model_and_optimizer(
     return model, optimizer
 
 
-def _evaluate_and_record(config, strategy, model, info, step, writer):
-    results = evaluation.evaluate(config, strategy, model, info, step)
+def _evaluate_and_record(config, strategy, model, source, step, writer):
+    results = evaluation.evaluate(config, strategy, model, source, step)
     if writer is not None:
         evaluation.write_results(config, results, writer)
     return results
@@ -81,7 +82,7 @@ def _eval_checkpoints(config, ctx, total):
     ):
         checkpoints.restore_initial_weights(ctx.model, config)
         _evaluate_and_record(
-            config, ctx.strategy, ctx.model, ctx.info, 0, ctx.writer
+            config, ctx.strategy, ctx.model, ctx.source, 0, ctx.writer
         )
         return
     ckpt = tf.train.Checkpoint(model=ctx.model, optimizer=ctx.optimizer)
@@ -92,7 +93,7 @@ def _eval_checkpoints(config, ctx, total):
         ckpt.restore(path).expect_partial()
         step = int(ctx.optimizer.iterations.numpy())
         _evaluate_and_record(
-            config, ctx.strategy, ctx.model, ctx.info, step, ctx.writer
+            config, ctx.strategy, ctx.model, ctx.source, step, ctx.writer
         )
         if step >= total:
             return
@@ -112,7 +113,10 @@ def run(config: config_lib.Config) -> dict[str, float] | None:
     )
     if config.data.seed is not None:
         keras.utils.set_random_seed(config.data.seed)
-    info = input_pipeline.get_dataset_info(config.data)
+    # The data source is opened (a folder scanned, a TFDS builder made)
+    # once here; everything below reads its info and records.
+    source = sources.open_source(config.data)
+    info = source.info
     model, optimizer = build_model_and_optimizer(config, strategy, info)
     chief = distribute.is_chief(strategy)
     if chief:
@@ -120,7 +124,9 @@ def run(config: config_lib.Config) -> dict[str, float] | None:
     writer = (
         tf.summary.create_file_writer(config.train.model_dir) if chief else None
     )
-    ctx = trainer.TrainContext(strategy, model, optimizer, info, chief, writer)
+    ctx = trainer.TrainContext(
+        strategy, model, optimizer, source, chief, writer
+    )
     total = config_lib.total_train_steps(config.train, info.num_train_examples)
     mode = config.train.mode
     if mode == "eval":
@@ -130,5 +136,7 @@ def run(config: config_lib.Config) -> dict[str, float] | None:
     if chief and config.train.keep_hub_module_max:
         export.export_run(config, model, info, step)
     if mode == "train_then_eval":
-        return _evaluate_and_record(config, strategy, model, info, step, writer)
+        return _evaluate_and_record(
+            config, strategy, model, source, step, writer
+        )
     return None

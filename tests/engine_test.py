@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 
 from simclr_tf import cli, experiment
 from simclr_tf import config as config_lib
+from simclr_tf.data import sources
 from simclr_tf.training import checkpoints, trainer
 from simclr_tf.training import step as step_lib
 
@@ -147,14 +148,16 @@ def test_linear_eval_leaves_encoder_bit_identical(tmp_path):
     )
     with tfds.testing.mock_data(num_examples=48):
         strategy = tf.distribute.OneDeviceStrategy("/CPU:0")
-        info = experiment.input_pipeline.get_dataset_info(lin.data)
+        source = sources.open_source(lin.data)
         model, optimizer = experiment.build_model_and_optimizer(
-            lin, strategy, info
+            lin, strategy, source.info
         )
         checkpoints.restore_initial_weights(model, lin)
         before = _encoder_state(model)
         head_before = model.supervised_head.weights[0].numpy().copy()
-        ctx = trainer.TrainContext(strategy, model, optimizer, info, True, None)
+        ctx = trainer.TrainContext(
+            strategy, model, optimizer, source, True, None
+        )
         assert trainer.train(lin, ctx) == 3
     after = _encoder_state(model)
     assert len(before) == len(after) > 0

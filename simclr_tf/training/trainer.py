@@ -17,7 +17,7 @@ import tensorflow as tf
 from absl import logging
 
 from simclr_tf import config as config_lib
-from simclr_tf.data import augment, input_pipeline
+from simclr_tf.data import augment, input_pipeline, sources
 from simclr_tf.training import checkpoints
 from simclr_tf.training import step as step_lib
 
@@ -36,7 +36,7 @@ class TrainContext:
     strategy: tf.distribute.Strategy
     model: keras.Model
     optimizer: keras.optimizers.Optimizer
-    info: input_pipeline.DatasetInfo
+    source: sources.Source
     chief: bool
     writer: tf.summary.SummaryWriter | None
 
@@ -73,7 +73,12 @@ def _write_augmentation_summary(
     if ctx.writer is None:
         return
     dataset = input_pipeline.build_dataset(
-        data, batch_size=8, is_training=True, pretrain=pretrain
+        ctx.source,
+        data,
+        batch_size=8,
+        is_training=True,
+        pretrain=pretrain,
+        num_views=ctx.model.num_views,
     )
     images, _ = next(iter(dataset))
     with ctx.writer.as_default(step=0):
@@ -95,8 +100,9 @@ def train(config: config_lib.Config, ctx: TrainContext) -> int:
       SystemExit: after saving a checkpoint on SIGTERM.
     """
     tc = config.train
-    total = config_lib.total_train_steps(tc, ctx.info.num_train_examples)
-    every = config_lib.checkpoint_every(tc, ctx.info.num_train_examples)
+    num_examples = ctx.source.info.num_train_examples
+    total = config_lib.total_train_steps(tc, num_examples)
+    every = config_lib.checkpoint_every(tc, num_examples)
     ckpt = checkpoints.Checkpointer(
         ctx.model,
         ctx.optimizer,
@@ -114,10 +120,12 @@ def train(config: config_lib.Config, ctx: TrainContext) -> int:
     pretrain = tc.train_mode == "pretrain"
     dataset = input_pipeline.build_distributed_dataset(
         ctx.strategy,
+        ctx.source,
         config.data,
         global_batch_size=tc.train_batch_size,
         is_training=True,
         pretrain=pretrain,
+        num_views=ctx.model.num_views,
         # With a fixed seed, a resumed run replays the same stream.
         start_batch=step if config.data.seed is not None else 0,
     )
