@@ -27,9 +27,11 @@ Steps, all through the code path a user's image folder takes
    with `scripts/plot_run.py` into `<workdir>/plots/`.
 
 Flags given on the command line apply to every stage; the linear-eval
-stages then override the flags in `LINEAR_EVAL` (see flags/quickstart.cfg
-for the equivalent run.py commands). An existing `<workdir>` is reused:
-finished stages are not rerun (delete it for a fresh run).
+stages then override the fields in `LINEAR_EVAL` (see flags/quickstart.cfg
+for the equivalent run.py commands). Each stage's config is the parsed
+flags' config with its overrides (`simclr_tf.config.replace`), and its
+`flags.cfg` is written from that config. An existing `<workdir>` is
+reused: finished stages are not rerun (delete it for a fresh run).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ sys.path.insert(0, os.path.join(REPO, "scripts"))
 from absl import app, flags, logging  # noqa: E402
 
 from simclr_tf import cli  # noqa: E402
-from simclr_tf.config import ConfigError  # noqa: E402
+from simclr_tf import config as config_lib  # noqa: E402
 
 DEFAULT_RECIPE = os.path.join(REPO, "flags", "quickstart.cfg")
 DEFAULT_WORKDIR = "/tmp/simclr_quickstart"
@@ -141,36 +143,69 @@ def _read_result(model_dir: str) -> dict | None:
         return json.load(f)
 
 
-def run_stage(name: str, model_dir: str, overrides: dict) -> dict:
-    """Runs run.py's job in-process with the parsed flags plus `overrides`.
+def stage_configs(
+    base: config_lib.Config, workdir: str
+) -> dict[str, config_lib.Config]:
+    """The configs of the three runs, from the parsed flags' config.
 
-    The flag values are set, the config read and validated exactly as
-    run.py does it, `flags.cfg` written to `model_dir`, and the flags
-    restored afterwards. A stage whose `result.json` exists is skipped.
+    Args:
+      base: the config of the command line (recipe and user flags).
+      workdir: the quickstart's folder (digits in `<workdir>/digits`).
+
+    Returns:
+      {"pretrain", "linear_eval", "random_linear_eval"} -> config, each
+      with `model_dir=<workdir>/<name>`.
+
+    Raises:
+      ConfigError: an override the command-line flags make invalid.
+    """
+    base = config_lib.replace(
+        base, dataset=f"folder:{os.path.join(workdir, 'digits')}"
+    )
+    pre_dir = os.path.join(workdir, "pretrain")
+    overrides = {
+        "pretrain": {},
+        "linear_eval": dict(LINEAR_EVAL, checkpoint=pre_dir),
+        "random_linear_eval": dict(
+            LINEAR_EVAL,
+            checkpoint=None,
+            # The strong random baseline: every BN gamma starts at 1. With
+            # the reference's gamma = 0 on the residual branches a random
+            # ResNet is a chain of strided 1x1 shortcut convs.
+            zero_init_residual_bn=False,
+            keep_hub_module_max=0,
+        ),
+    }
+    return {
+        name: config_lib.replace(
+            base, model_dir=os.path.join(workdir, name), **values
+        )
+        for name, values in overrides.items()
+    }
+
+
+def run_stage(name: str, config: config_lib.Config) -> dict:
+    """Runs run.py's job in-process on `config`.
+
+    Writes `flags.cfg` (replayable with run.py's `--flagfile`) to the
+    config's model_dir, then runs the experiment. A stage whose
+    `result.json` exists is skipped.
 
     Returns:
       The stage's result.json contents plus "seconds".
     """
     from simclr_tf import experiment
 
+    model_dir = config.train.model_dir
     done = _read_result(model_dir)
     if done is not None:
         logging.info("%s: already done in %s, reusing it.", name, model_dir)
         return dict(done, seconds=float("nan"))
-    overrides = dict(overrides, model_dir=model_dir)
-    saved = {k: getattr(cli.FLAGS, k) for k in overrides}
-    try:
-        for key, value in overrides.items():
-            setattr(cli.FLAGS, key, value)
-        config = cli.config_from_flags()
-        cli.write_flags_file(model_dir)
-        print(f"== {name}: {model_dir}", flush=True)
-        start = time.perf_counter()
-        experiment.run(config)
-        seconds = time.perf_counter() - start
-    finally:
-        for key, value in saved.items():
-            setattr(cli.FLAGS, key, value)
+    cli.write_flags_file(model_dir, config)
+    print(f"== {name}: {model_dir}", flush=True)
+    start = time.perf_counter()
+    experiment.run(config)
+    seconds = time.perf_counter() - start
     return dict(_read_result(model_dir), seconds=seconds)
 
 
@@ -244,32 +279,19 @@ def main(argv: list[str]) -> None:
         f"in {digits}",
         flush=True,
     )
-    dataset = {"dataset": f"folder:{digits}"}
-    pre_dir = os.path.join(workdir, "pretrain")
     try:
-        pretrain = run_stage("SimCLR pretraining", pre_dir, dataset)
+        configs = stage_configs(cli.config_from_flags(), workdir)
+        pretrain = run_stage("SimCLR pretraining", configs["pretrain"])
         simclr = run_stage(
-            "linear eval of the SimCLR encoder",
-            os.path.join(workdir, "linear_eval"),
-            {**dataset, **LINEAR_EVAL, "checkpoint": pre_dir},
+            "linear eval of the SimCLR encoder", configs["linear_eval"]
         )
         random = run_stage(
-            "linear eval of a random encoder",
-            os.path.join(workdir, "random_linear_eval"),
-            {
-                **dataset,
-                **LINEAR_EVAL,
-                "checkpoint": None,
-                # The strong random baseline: every BN gamma starts at 1.
-                # With the reference's gamma = 0 on the residual branches a
-                # random ResNet is a chain of strided 1x1 shortcut convs.
-                "zero_init_residual_bn": False,
-                "keep_hub_module_max": 0,
-            },
+            "linear eval of a random encoder", configs["random_linear_eval"]
         )
-    except ConfigError as e:
+    except config_lib.ConfigError as e:
         sys.stderr.write(f"quickstart.py: error: {e}\n")
         sys.exit(2)
+    pre_dir = configs["pretrain"].train.model_dir
     plots = plot_run.plot_runs(
         {
             "pretrain": pre_dir,

@@ -176,6 +176,55 @@ def test_resnet_base_width_is_validated():
         config_lib.Config(model=config_lib.ModelConfig(resnet_base_width=7))
 
 
+def _parse_run_py(*args):
+    """The config run.py builds from the quickstart recipe plus `args`."""
+    from simclr_tf import cli
+
+    cli.FLAGS.unparse_flags()
+    try:
+        recipe = f"--flagfile={ROOT / 'flags' / 'quickstart.cfg'}"
+        cli.FLAGS(["run.py", recipe, *args])
+        return cli.config_from_flags()
+    finally:
+        cli.FLAGS.unparse_flags()
+
+
+def test_stage_configs_equal_the_documented_run_py_commands():
+    # flags/quickstart.cfg's header gives the run.py command of each stage.
+    work = "/tmp/simclr_quickstart"
+    digits = f"--dataset=folder:{work}/digits"
+    linear = [
+        "--train_mode=finetune",
+        "--fine_tune_after_block=4",
+        "--zero_init_logits_layer",
+        "--noglobal_bn",
+        "--optimizer=momentum",
+        "--learning_rate=2.0",
+        "--weight_decay=0",
+        "--warmup_epochs=0",
+        "--train_epochs=60",
+    ]
+    configs = quickstart.stage_configs(_parse_run_py("--seed=1"), work)
+    assert configs["pretrain"] == _parse_run_py(
+        "--seed=1", digits, f"--model_dir={work}/pretrain"
+    )
+    assert configs["linear_eval"] == _parse_run_py(
+        "--seed=1",
+        digits,
+        *linear,
+        f"--checkpoint={work}/pretrain",
+        f"--model_dir={work}/linear_eval",
+    )
+    assert configs["random_linear_eval"] == _parse_run_py(
+        "--seed=1",
+        digits,
+        *linear,
+        "--nozero_init_residual_bn",
+        "--keep_hub_module_max=0",
+        f"--model_dir={work}/random_linear_eval",
+    )
+
+
 def _parse_flag(value: str, default):
     """A flag-file value as the type of the field's default."""
     if isinstance(default, bool):
