@@ -569,3 +569,36 @@ def test_synchronized_batch_norm_over_two_replicas_is_not_fused():
     per_replica = strategy.run(decisions)
     for value in strategy.experimental_local_results(per_replica):
         assert value.numpy().tolist() == [False, True]
+
+
+def test_set_fused_training_switches_every_batch_norm_of_a_model():
+    # The benchmark's fused_bn=off: Keras's own batch norm, the same
+    # function (batch statistics in training) without the fused op.
+    model = resnet.ResNet(depth=18, cifar_stem=True, base_width=8)
+    x = tf.random.stateless_uniform((4, 8, 8, 3), [7, 8])
+    model(x, training=False)
+    count = len(
+        [
+            layer
+            for layer in model._flatten_layers()
+            if isinstance(layer, layers.BatchNorm)
+        ]
+    )
+    assert count == 21  # Stem 1, 8 blocks x 2, 4 projection shortcuts.
+
+    def traced_ops():
+        fn = tf.function(lambda x: model(x, training=True)["final_avg_pool"])
+        graph = fn.get_concrete_function(x).graph
+        return {op.type for op in graph.get_operations()}
+
+    weights = [w.numpy() for w in model.weights]
+    fused = model(x, training=True)["final_avg_pool"]
+    assert "FusedBatchNormV3" in traced_ops()
+    assert layers.set_fused_training(model, False) == count
+    assert "FusedBatchNormV3" not in traced_ops()
+    for w, value in zip(model.weights, weights, strict=True):
+        w.assign(value)  # Undo the moving-statistics updates.
+    unfused = model(x, training=True)["final_avg_pool"]
+    np.testing.assert_allclose(unfused, fused, rtol=1e-4, atol=1e-5)
+    assert layers.set_fused_training(model, True) == count
+    assert "FusedBatchNormV3" in traced_ops()

@@ -43,10 +43,16 @@ class BatchNorm(keras.layers.BatchNormalization):
     same function: batch mean and biased variance normalise the batch and
     update the moving statistics exactly as the Keras layer does.
     Everything else (inference, several replicas, masks, renorm, other
-    ranks) is the Keras layer's own path.
+    ranks) is the Keras layer's own path, and so is everything when
+    `fused_training` is False (`set_fused_training`, for comparisons).
     """
 
+    # Whether training may take the fused path (read when a step is traced).
+    fused_training = True
+
     def _fused_training(self, inputs, training, mask) -> bool:
+        if not self.fused_training:
+            return False
         if not (training and self.trainable) or mask is not None:
             return False
         if self.renorm or len(inputs.shape) != 4:
@@ -88,6 +94,27 @@ class BatchNorm(keras.layers.BatchNormalization):
             self.moving_variance * m + variance * (1.0 - m)
         )
         return tf.cast(y, self.compute_dtype)
+
+
+def set_fused_training(model: keras.layers.Layer, enabled: bool) -> int:
+    """Turns the fused training path of every `BatchNorm` in `model` on or
+    off (off: Keras 3's own batch norm, e.g. to measure what fusing gains).
+
+    Takes effect for steps traced afterwards.
+
+    Args:
+      model: a layer or model; its `BatchNorm` sublayers are switched.
+      enabled: True for the fused path where it applies (the default).
+
+    Returns:
+      The number of `BatchNorm` layers switched.
+    """
+    # Keras 3 has no public recursive layer walk (as in `lars.py`).
+    walk = model._flatten_layers(include_self=True, recursive=True)
+    bns = [layer for layer in walk if isinstance(layer, BatchNorm)]
+    for bn in bns:
+        bn.fused_training = enabled
+    return len(bns)
 
 
 def batch_norm(
