@@ -167,7 +167,7 @@ def evaluate(
 ) -> dict[str, float]:
     """All eval metrics of the current weights, keyed by TensorBoard name."""
     results: dict[str, float] = {"global_step": step}
-    labelled = source.info.num_classes is not None
+    labelled = source.info.labelled
     if labelled and model.supervised_head is not None:
         top1, top5 = linear_accuracy(config, strategy, model, source)
         results["eval/label_top_1_accuracy"] = top1

@@ -546,6 +546,7 @@ def test_array_source_records_shards_and_eval_pipeline():
         eval_split="test",
     )
     assert source.info == sources.DatasetInfo(7, 3, 3, ("a", "b", "c"))
+    assert source.info.labelled
     # Pipeline 1 of 2 gets every second record, starting at the second.
     context = tf.distribute.InputContext(2, 1, 1)
     shard = list(source.records("train", input_context=context))
@@ -571,7 +572,7 @@ def test_unlabelled_array_source_pretrains_with_num_views():
         np.zeros((5, 20, 24, 3), np.uint8) + np.arange(5)[:, None, None, None]
     )
     source = sources.ArraySource({"train": (images, None)})
-    assert source.info.num_classes is None
+    assert source.info.num_classes is None and not source.info.labelled
     assert [int(y) for _, y in source.records("train")] == [-1] * 5
     data = config.DataConfig(dataset="unused", image_size=SIZE, seed=2)
     for views in (1, 2, 3):

@@ -34,7 +34,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 # Held-out examples are chosen with this fixed seed, independent of --seed,
 # so that every run of one folder evaluates on the same images.
 HOLDOUT_SEED = 0
-AUTOTUNE = tf.data.AUTOTUNE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +147,7 @@ def _readable(paths: list[str]) -> np.ndarray:
         return i, tf.shape(sources.decode_image(tf.io.read_file(path)))
 
     ds = tf.data.Dataset.from_tensor_slices(paths).enumerate()
-    ds = ds.map(check, num_parallel_calls=AUTOTUNE).ignore_errors()
+    ds = ds.map(check, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
     for index, _ in ds.batch(4096).as_numpy_iterator():
         ok[index] = True
     return ok

@@ -145,8 +145,7 @@ def build_dataset(
         unlabeled data.
     """
     split = split or (data.train_split if is_training else data.eval_split)
-    num_classes = source.info.num_classes
-    if is_training and not pretrain and num_classes is None:
+    if is_training and not pretrain and not source.info.labelled:
         raise DatasetError(
             f"Received: train_mode=finetune on {source.name!r}, which has "
             "no labels. Use class subfolders (or a labelled TFDS dataset), "
@@ -175,7 +174,12 @@ def build_dataset(
         ds = ds.repeat()
     base_seed = tf.constant([seeds[2], pid], tf.int64)
     preprocess = _preprocess_fn(
-        data, is_training, pretrain, num_views, num_classes or 0, base_seed
+        data,
+        is_training,
+        pretrain,
+        num_views,
+        source.info.num_classes or 0,
+        base_seed,
     )
     ds = ds.enumerate()
     if is_training and start_batch:

@@ -37,7 +37,6 @@ from simclr_tf import config as config_lib
 
 # The label of an unlabelled example (e.g. STL-10's `unlabeled` split).
 NO_LABEL = -1
-AUTOTUNE = tf.data.AUTOTUNE
 
 
 class DatasetError(config_lib.ConfigError):
@@ -61,6 +60,11 @@ class DatasetInfo:
     num_classes: int | None
     class_names: tuple[str, ...] | None = None
     num_skipped_files: int = 0
+
+    @property
+    def labelled(self) -> bool:
+        """Whether examples have class labels (`num_classes` is known)."""
+        return self.num_classes is not None
 
 
 def decode_image(encoded: tf.Tensor) -> tf.Tensor:
@@ -322,7 +326,7 @@ class TfdsSource(Source):
             label = example[label_key] if label_key else tf.constant(NO_LABEL)
             return example[image_key], tf.cast(label, tf.int64)
 
-        return ds.map(record, num_parallel_calls=AUTOTUNE)
+        return ds.map(record, num_parallel_calls=tf.data.AUTOTUNE)
 
     def decode(self, record):
         return decode_image(record)
