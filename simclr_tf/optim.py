@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from simclr_tf import lars
 from simclr_tf.config import LR_SCALINGS, OPTIMIZERS
+from simclr_tf.models.simclr_model import WeightGroups
 
 
 def scaled_learning_rate(
@@ -169,7 +170,9 @@ def build_optimizer(
 
 
 def decayed_variables(
-    optimizer_name: str, groups, trainable_variables: Sequence
+    optimizer_name: str,
+    groups: WeightGroups,
+    trainable_variables: Sequence,
 ) -> list:
     """The variables whose squared norm the loss carries (SPEC.md §6).
 

@@ -109,3 +109,27 @@ def test_metric_names_follow_the_mode():
         "weight_decay",
         "total_loss",
     ]
+
+
+def test_the_training_core_imports_no_config():
+    # The run config stops at the experiment: the step and the loop take
+    # a model, an optimizer, an objective and a plan (issue 13).
+    import ast
+    import pathlib
+
+    import simclr_tf.training.step
+    import simclr_tf.training.trainer
+
+    for module in (simclr_tf.training.step, simclr_tf.training.trainer):
+        tree = ast.parse(pathlib.Path(module.__file__).read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                imported.add(node.module)
+                imported |= {
+                    f"{node.module}.{alias.name}" for alias in node.names
+                }
+        assert "simclr_tf.config" not in imported, module.__name__
+        assert "simclr_tf.cli" not in imported, module.__name__

@@ -1,4 +1,4 @@
-"""The host training loop: restore, loop, summaries, progress, checkpoints.
+"""The host training loop: summaries, progress, checkpoints over a plan.
 
 Each host iteration runs up to `steps_per_loop` steps in one `tf.function`
 call (fewer when a checkpoint or the last step falls sooner), then checks
