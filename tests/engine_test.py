@@ -74,6 +74,12 @@ def test_smoke_run_py_leaves_every_output(tmp_path):
     assert (tmp_path / "result_2.json").exists()
     assert "--train_steps=2" in (tmp_path / "flags.cfg").read_text()
     assert (tmp_path / "saved_model" / "2" / "saved_model.pb").exists()
+    facts = json.loads((tmp_path / "run_info.json").read_text())
+    # mock_data: cifar10's 10 classes, 48 examples per split; 2 steps.
+    assert facts["num_classes"] == 10 and len(facts["class_names"]) == 10
+    assert facts["num_train_examples"] == facts["num_eval_examples"] == 48
+    assert facts["total_steps"] == 2
+    assert facts["dtype_policy"] in ("float32", "mixed_bfloat16")
 
 
 class _Killed(Exception):
