@@ -18,9 +18,10 @@ time are its own) and:
    elementwise ops, 2 FLOPs per multiply-add); training FLOPs are forward
    x 3 (the backward pass computes two products per forward product);
 3. builds the model and optimizer with `experiment.build_model_and_optimizer`
-   and trains with the engine's own `step.make_replica_step` and
-   `step.make_train_loop`, on synthetic data: random uint8 32x32 images in
-   memory (`sources.ArraySource`) fed through the real input pipeline
+   and trains with the engine's own `step.make_replica_step` (the run's
+   objective, `factory.build_objective`) and `step.make_train_loop`, on
+   synthetic data: random uint8 32x32 images in memory
+   (`sources.ArraySource`) fed through the real input pipeline
    (`input_pipeline.build_distributed_dataset`: shuffle, two augmented
    views, batch, prefetch), so the augmentation costs what it costs in a
    run but no disk is read. `--input_pipeline=off` feeds one fixed batch of
@@ -295,14 +296,16 @@ def training_dataset(config, strategy, source, num_views: int, pipeline: bool):
 
 
 def _train_loop(config, strategy, model, optimizer):
-    """The engine's own multi-step training function."""
+    """The engine's own multi-step training function, with the run's
+    objective (`factory.build_objective`)."""
+    from simclr_tf.models import factory
     from simclr_tf.training import step as step_lib
 
-    names = step_lib.metric_names(config, model.supervised_head is not None)
+    objective = factory.build_objective(config, model)
     return step_lib.make_train_loop(
         strategy,
-        step_lib.make_replica_step(model, optimizer, config),
-        names,
+        step_lib.make_replica_step(model, optimizer, objective),
+        list(objective.metric_names),
         jit_compile=config.runtime.jit_compile,
     )
 

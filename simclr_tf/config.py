@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from typing import Any
 
@@ -580,37 +579,3 @@ def write_json(config: Config, model_dir: str) -> str:
 def use_cifar_stem(image_size: int) -> bool:
     """The 3x3 stride-1 stem without max-pool is used for images <= 32."""
     return image_size <= 32
-
-
-def scaled_learning_rate(optim: OptimConfig, global_batch: int) -> float:
-    """The peak learning rate after batch-size scaling (SPEC.md §6)."""
-    if optim.learning_rate_scaling == "linear":
-        return optim.learning_rate * global_batch / 256.0
-    if optim.learning_rate_scaling == "sqrt":
-        return optim.learning_rate * math.sqrt(global_batch)
-    raise ConfigError(
-        f"Received: learning_rate_scaling={optim.learning_rate_scaling!r}. "
-        f"Use one of {', '.join(LR_SCALINGS)}."
-    )
-
-
-def total_train_steps(train: TrainConfig, num_examples: int) -> int:
-    """`train_steps`, or epochs converted to steps as the reference does."""
-    if train.train_steps:
-        return train.train_steps
-    return num_examples * train.train_epochs // train.train_batch_size + 1
-
-
-def warmup_steps(
-    optim: OptimConfig, num_examples: int, global_batch: int
-) -> int:
-    """round(warmup_epochs * num_examples // B), as in the reference."""
-    return int(round(optim.warmup_epochs * num_examples // global_batch))
-
-
-def checkpoint_every(train: TrainConfig, num_examples: int) -> int:
-    """Steps between checkpoints: `checkpoint_steps`, else from epochs."""
-    if train.checkpoint_steps:
-        return train.checkpoint_steps
-    steps_per_epoch = max(1, num_examples // train.train_batch_size)
-    return max(1, train.checkpoint_epochs * steps_per_epoch)

@@ -16,7 +16,7 @@ import tensorflow as tf
 from absl import logging
 
 from simclr_tf import config as config_lib
-from simclr_tf import schedules
+from simclr_tf import objective, optim
 from simclr_tf.data import input_pipeline, sources
 
 FEATURE_KEY = "final_avg_pool"
@@ -172,8 +172,11 @@ def evaluate(
         top1, top5 = linear_accuracy(config, strategy, model, source)
         results["eval/label_top_1_accuracy"] = top1
         results["eval/label_top_5_accuracy"] = top5
+    decayed = optim.decayed_variables(
+        config.optim.optimizer, model.weight_groups, model.trainable_variables
+    )
     results["eval/regularization_loss"] = float(
-        schedules.weight_decay_loss(model, config.optim)
+        objective.weight_decay_loss(decayed, config.optim.weight_decay)
     )
     if labelled and config.eval.knn_k:
         results["eval/knn_top_1_accuracy"] = knn_accuracy(config, model, source)
