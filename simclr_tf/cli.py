@@ -114,7 +114,8 @@ flags.DEFINE_string(
 flags.DEFINE_bool(
     "zero_init_logits_layer",
     False,
-    "Zero-initialise the supervised head when fine-tuning.",
+    "Zero-initialise the supervised head when the weights come from "
+    "--checkpoint (the head is then not restored); no effect otherwise.",
 )
 flags.DEFINE_integer(
     "fine_tune_after_block",
