@@ -410,8 +410,12 @@ def warmup_steps(
 
 
 def checkpoint_every(train: TrainConfig, num_examples: int) -> int:
-    """Steps between checkpoints: `checkpoint_steps`, else from epochs."""
+    """Steps between checkpoints: `checkpoint_steps`, else from epochs.
+
+    An epoch is round(num_examples / B) steps here, as in the reference
+    (50,000 / 512 -> 98), unlike the floor of `total_train_steps`.
+    """
     if train.checkpoint_steps:
         return train.checkpoint_steps
-    steps_per_epoch = max(1, num_examples // train.train_batch_size)
+    steps_per_epoch = max(1, round(num_examples / train.train_batch_size))
     return max(1, train.checkpoint_epochs * steps_per_epoch)
