@@ -190,11 +190,20 @@ def write_results(
     results: dict[str, float],
     writer: tf.summary.SummaryWriter | None,
 ) -> None:
-    """Writes `result.json`, `result_<step>.json` and eval summaries."""
+    """Writes the results files and eval summaries.
+
+    As the reference: `result.json` and `result_<step>.json` hold numbers
+    only (the metric names and `global_step`), and `flags.json` beside them
+    the run's flags as a flat name -> value dict.
+    """
     step = int(results["global_step"])
-    record = dict(results, flags=config_lib.to_flat(config))
     model_dir = config.train.model_dir
-    for name in ("result.json", f"result_{step}.json"):
+    files = {
+        "result.json": results,
+        f"result_{step}.json": results,
+        "flags.json": config_lib.to_flat(config),
+    }
+    for name, record in files.items():
         with tf.io.gfile.GFile(os.path.join(model_dir, name), "w") as f:
             json.dump(record, f, indent=2, sort_keys=True)
     if writer is not None:
