@@ -4,6 +4,11 @@ The kNN monitor classifies eval images by their k nearest training images
 in encoder-feature space (cosine similarity), each neighbour voting for its
 class with weight exp(similarity / T) — the monitor of InstDisc (Wu et al.
 2018) as used by the PyTorch SimCLR libraries (k = 200, T = 0.07).
+
+Evaluation computes in float32 whatever the training precision: a run
+trained under a bfloat16 policy is evaluated on a float32 copy of its
+weights (`export.float32_copy`, the model the SavedModel export holds), so
+logits and kNN similarities do not tie from bfloat16 rounding.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import tensorflow as tf
 from absl import logging
 
 from simclr_tf import config as config_lib
-from simclr_tf import schedules
+from simclr_tf import export, schedules
 from simclr_tf.data import input_pipeline
 
 FEATURE_KEY = "final_avg_pool"
@@ -113,6 +118,35 @@ def knn_accuracy(
     )
 
 
+def classification_hits(
+    logits: tf.Tensor, labels: tf.Tensor, top: int
+) -> tf.Tensor:
+    """[top-1 hits, top-`top` hits, rows] of one batch, as float32.
+
+    Top-1 is argmax(logits) == label, as the reference's accuracy metric:
+    of tied classes only the first counts (an all-equal row is one guess,
+    not a hit for every class). Top-`top` is `tf.math.in_top_k`, which
+    counts ties at the k-th place as hits, as the reference's top-5.
+
+    Args:
+      logits: (B, classes) scores; compared in float32.
+      labels: (B,) int class ids.
+      top: k of the second count.
+    """
+    logits = tf.cast(logits, tf.float32)
+    labels = tf.cast(labels, tf.int32)
+    predicted = tf.argmax(logits, axis=1, output_type=tf.int32)
+    hit1 = tf.equal(predicted, labels)
+    hitk = tf.math.in_top_k(labels, logits, top)
+    return tf.stack(
+        [
+            tf.reduce_sum(tf.cast(hit1, tf.float32)),
+            tf.reduce_sum(tf.cast(hitk, tf.float32)),
+            tf.cast(tf.shape(labels)[0], tf.float32),
+        ]
+    )
+
+
 def linear_accuracy(
     config: config_lib.Config,
     strategy: tf.distribute.Strategy,
@@ -135,15 +169,7 @@ def linear_accuracy(
         def replica(images, one_hot):
             logits = model(images, training=False)["logits_sup"]
             labels = tf.argmax(one_hot, axis=1, output_type=tf.int32)
-            hit1 = tf.math.in_top_k(labels, logits, 1)
-            hit5 = tf.math.in_top_k(labels, logits, top)
-            return tf.stack(
-                [
-                    tf.reduce_sum(tf.cast(hit1, tf.float32)),
-                    tf.reduce_sum(tf.cast(hit5, tf.float32)),
-                    tf.cast(tf.shape(labels)[0], tf.float32),
-                ]
-            )
+            return classification_hits(logits, labels, top)
 
         per_replica = strategy.run(replica, args=(images, one_hot))
         return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, None)
@@ -169,9 +195,14 @@ def evaluate(
     info: input_pipeline.DatasetInfo,
     step: int,
 ) -> dict[str, float]:
-    """All eval metrics of the current weights, keyed by TensorBoard name."""
+    """All eval metrics of the current weights, keyed by TensorBoard name.
+
+    Computed in float32 whatever the training precision (module doc).
+    """
     results: dict[str, float] = {"global_step": step}
     labelled = info.num_classes is not None
+    with strategy.scope():
+        model = export.float32_copy(config, model, info.num_classes)
     if labelled and model.supervised_head is not None:
         top1, top5 = linear_accuracy(config, strategy, model, info)
         results["eval/label_top_1_accuracy"] = top1

@@ -2,11 +2,16 @@
 
 import json
 
+import keras
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from simclr_tf import config as config_lib
 from simclr_tf import evaluation
+from simclr_tf.data import input_pipeline
+from simclr_tf.models import factory
+from tests.helpers import two_replica_strategy
 
 
 def _numpy_weighted_knn(query, bank, bank_labels, num_classes, k, t):
@@ -78,3 +83,93 @@ def test_write_results_files(tmp_path):
     flags = json.loads((tmp_path / "flags.json").read_text())
     assert flags == config_lib.to_flat(config)
     assert flags["model_dir"] == str(tmp_path)
+
+
+def test_classification_hits_top1_is_argmax_with_ties():
+    # All-equal rows are one guess (the first class), not a hit for every
+    # class; top-5 keeps in_top_k's counting (ties at the 5th place hit).
+    labels = np.array([0, 3, 1, 2])
+    logits = np.zeros((4, 6), np.float32)
+    logits[2] = [0, 5, 5, 0, 0, 0]  # Tie of classes 1 and 2: argmax is 1.
+    hit1, hit5, rows = evaluation.classification_hits(logits, labels, 5)
+    expected_top1 = np.sum(np.argmax(logits, axis=1) == labels)
+    assert expected_top1 == 2  # Rows 0 and 2.
+    assert (float(hit1), float(rows)) == (expected_top1, 4.0)
+    assert float(hit5) == 4.0  # Every label is among the 5 largest (ties).
+
+
+def _eval_config(tmp_path, **overrides):
+    flat = dict(
+        dataset="cifar10",
+        eval_split="test",
+        image_size=32,
+        resnet_depth=18,
+        resnet_base_width=8,
+        eval_batch_size=8,
+        eval_steps=2,
+        knn_k=0,
+        model_dir=str(tmp_path),
+    )
+    flat.update(overrides)
+    return config_lib.validate(config_lib.from_flat(flat))
+
+
+def _eval_labels(config):
+    labels = []
+    dataset = input_pipeline.build_dataset(
+        config.data, batch_size=8, is_training=False, pretrain=False
+    )
+    for _, one_hot in dataset.take(config.eval.eval_steps):
+        labels.append(np.argmax(one_hot.numpy(), axis=1))
+    return np.concatenate(labels)
+
+
+def _model_with_head(config, strategy, kernel):
+    with strategy.scope():
+        model = factory.build_model(config, 10)
+        model.supervised_head.dense.kernel.assign(kernel)
+        model.supervised_head.dense.bias.assign(np.zeros(10, np.float32))
+    return model
+
+
+def test_linear_accuracy_of_an_all_zero_head_is_one_guess(tmp_path):
+    # mode=eval of a --checkpoint with zero_init_logits_layer: every logit
+    # is 0, argmax says class 0, so top-1 = the share of class 0 (in_top_k
+    # k=1 reported 100 %).
+    config = _eval_config(tmp_path)
+    strategy = two_replica_strategy()
+    with tfds.testing.mock_data(num_examples=48):
+        info = input_pipeline.get_dataset_info(config.data)
+        labels = _eval_labels(config)
+        model = _model_with_head(
+            config, strategy, np.zeros((8 * 8, 10), np.float32)
+        )
+        top1, top5 = evaluation.linear_accuracy(config, strategy, model, info)
+    assert len(labels) == 16
+    assert top1 == pytest.approx(np.mean(labels == 0))
+    assert top1 < 1.0
+    assert top5 == 1.0  # in_top_k: every class ties for the top 5.
+
+
+def test_linear_accuracy_is_computed_in_float32_under_bfloat16(tmp_path):
+    # Class 1's kernel column is class 0's times (1 + 2^-10): equal after
+    # rounding to bfloat16 (8-bit mantissa), so bfloat16 logits tie and
+    # argmax says class 0; in float32 class 1 wins (features >= 0 after
+    # ReLU). Evaluation must report the float32 answer.
+    config = _eval_config(tmp_path, train_mode="finetune")
+    strategy = two_replica_strategy()
+    kernel = np.zeros((8 * 8, 10), np.float32)
+    kernel[:, 0] = 1.0
+    kernel[:, 1] = 1.0 + 2.0**-10
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    with tfds.testing.mock_data(num_examples=48):
+        info = input_pipeline.get_dataset_info(config.data)
+        labels = _eval_labels(config)
+        model = _model_with_head(config, strategy, kernel)
+        keras.mixed_precision.set_global_policy("float32")
+        assert model.compute_dtype == "bfloat16"
+        results = evaluation.evaluate(config, strategy, model, info, step=0)
+    assert np.mean(labels == 1) != np.mean(labels == 0)  # Discriminates.
+    assert results["eval/label_top_1_accuracy"] == pytest.approx(
+        np.mean(labels == 1)
+    )
