@@ -285,6 +285,21 @@ flags.DEFINE_integer(
     10000,
     "Training images used as the kNN monitor's memory bank.",
 )
+flags.DEFINE_bool(
+    "eval_logistic_regression",
+    False,
+    "Also evaluate the frozen encoder features with scikit-learn's "
+    "logistic regression (standardised features, L2, C = "
+    "--logistic_regression_c), fitted on the knn_train_examples training "
+    "images and scored on the eval split: eval/logreg_top_1_accuracy. "
+    "Needs pip install 'simclr_tf[quickstart]'.",
+)
+flags.DEFINE_float(
+    "logistic_regression_c",
+    1.0,
+    "Inverse L2 regularisation strength C of --eval_logistic_regression "
+    "(scikit-learn's default 1.0).",
+)
 flags.DEFINE_enum(
     "mixed_precision",
     "auto",

@@ -1,5 +1,8 @@
 """Evaluation: linear-head top-1/top-5, a weighted kNN monitor, results.
 
+With `--eval_logistic_regression`, also scikit-learn's logistic regression
+on standardised frozen features (`logistic_regression_accuracy`).
+
 The kNN monitor classifies eval images by their k nearest training images
 in encoder-feature space (cosine similarity), each neighbour voting for its
 class with weight exp(similarity / T) — the monitor of InstDisc (Wu et al.
@@ -15,8 +18,10 @@ from __future__ import annotations
 
 import json
 import os
+from typing import NamedTuple
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -77,13 +82,21 @@ def _features_and_labels(model, dataset, max_batches=None):
     return tf.concat(feats, 0), tf.concat(labels, 0)
 
 
-def knn_accuracy(
-    config: config_lib.Config,
-    model: keras.Model,
-    info: input_pipeline.DatasetInfo,
-) -> float:
-    """Top-1 accuracy of the weighted kNN monitor on the eval split, with
-    `knn_train_examples` training images (eval preprocessing) as bank."""
+class FrozenFeatures(NamedTuple):
+    """Encoder features (`final_avg_pool`) and int labels of two splits."""
+
+    train: tf.Tensor  # (m, d): `knn_train_examples` training images.
+    train_labels: tf.Tensor  # (m,)
+    eval: tf.Tensor  # (q, d): the eval split (`eval_steps` batches if set).
+    eval_labels: tf.Tensor  # (q,)
+
+
+def frozen_features(
+    config: config_lib.Config, model: keras.Model
+) -> FrozenFeatures:
+    """Features of `knn_train_examples` training images and of the eval
+    split, both with eval preprocessing, for the kNN monitor and the
+    logistic-regression evaluation."""
     ev, data = config.eval, config.data
     batch = ev.eval_batch_size
 
@@ -100,21 +113,92 @@ def knn_accuracy(
     bank, bank_labels = _features_and_labels(
         model, split_dataset(data.train_split), bank_batches
     )
-    bank = bank[: ev.knn_train_examples]
-    bank_labels = bank_labels[: ev.knn_train_examples]
     query, query_labels = _features_and_labels(
         model, split_dataset(data.eval_split), ev.eval_steps or None
     )
-    predicted = weighted_knn_predict(
+    return FrozenFeatures(
+        bank[: ev.knn_train_examples],
+        bank_labels[: ev.knn_train_examples],
         query,
-        bank,
-        bank_labels,
-        num_classes=info.num_classes,
-        k=ev.knn_k,
-        temperature=ev.knn_temperature,
+        query_labels,
     )
+
+
+def knn_accuracy(
+    config: config_lib.Config,
+    model: keras.Model,
+    info: input_pipeline.DatasetInfo,
+    features: FrozenFeatures | None = None,
+) -> float:
+    """Top-1 accuracy of the weighted kNN monitor on the eval split, with
+    `knn_train_examples` training images (eval preprocessing) as bank.
+
+    `features` reuses features already computed by `frozen_features`."""
+    if features is None:
+        features = frozen_features(config, model)
+    predicted = weighted_knn_predict(
+        features.eval,
+        features.train,
+        features.train_labels,
+        num_classes=info.num_classes,
+        k=config.eval.knn_k,
+        temperature=config.eval.knn_temperature,
+    )
+    hits = tf.cast(tf.equal(predicted, features.eval_labels), tf.float32)
+    return float(tf.reduce_mean(hits))
+
+
+def _import_sklearn():
+    try:
+        from sklearn import linear_model, pipeline, preprocessing
+    except ImportError as e:
+        raise ImportError(
+            "The logistic-regression evaluation (--eval_logistic_regression)"
+            " needs scikit-learn: pip install 'simclr_tf[quickstart]'."
+        ) from e
+    return linear_model, pipeline, preprocessing
+
+
+def logistic_regression_accuracy(
+    train_features,
+    train_labels,
+    eval_features,
+    eval_labels,
+    *,
+    c: float = 1.0,
+    max_iter: int = 1000,
+) -> float:
+    """Top-1 of a logistic regression fitted on frozen features.
+
+    The offline linear-evaluation protocol: a `sklearn.pipeline` of
+    `StandardScaler` (per-feature mean and variance of the training
+    features) and L2-regularised multinomial `LogisticRegression` (L-BFGS,
+    inverse regularisation strength `c`, scikit-learn's default 1.0),
+    fitted on the training features and scored on the eval features. It
+    needs scikit-learn (`pip install 'simclr_tf[quickstart]'`).
+
+    Args:
+      train_features: (m, d) features of the training images.
+      train_labels: (m,) int labels.
+      eval_features: (q, d) features of the eval images.
+      eval_labels: (q,) int labels.
+      c: `LogisticRegression`'s C (larger = weaker regularisation).
+      max_iter: L-BFGS iterations at most.
+
+    Returns:
+      The fraction of eval images whose predicted class is the label.
+
+    Raises:
+      ImportError: scikit-learn is not installed (says how to install it).
+    """
+    linear_model, pipeline, preprocessing = _import_sklearn()
+    classifier = pipeline.make_pipeline(
+        preprocessing.StandardScaler(),
+        linear_model.LogisticRegression(C=c, max_iter=max_iter),
+    )
+    classifier.fit(np.asarray(train_features), np.asarray(train_labels))
     return float(
-        tf.reduce_mean(tf.cast(tf.equal(predicted, query_labels), tf.float32))
+        classifier.score(np.asarray(eval_features), np.asarray(eval_labels))
     )
 
 
@@ -210,8 +294,19 @@ def evaluate(
     results["eval/regularization_loss"] = float(
         schedules.weight_decay_loss(model, config.optim)
     )
-    if labelled and config.eval.knn_k:
-        results["eval/knn_top_1_accuracy"] = knn_accuracy(config, model, info)
+    ev = config.eval
+    if labelled and (ev.knn_k or ev.eval_logistic_regression):
+        features = frozen_features(config, model)
+        if ev.knn_k:
+            results["eval/knn_top_1_accuracy"] = knn_accuracy(
+                config, model, info, features
+            )
+        if ev.eval_logistic_regression:
+            results["eval/logreg_top_1_accuracy"] = (
+                logistic_regression_accuracy(
+                    *features, c=ev.logistic_regression_c
+                )
+            )
     logging.info("Eval at step %d: %s", step, results)
     return results
 

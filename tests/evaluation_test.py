@@ -1,6 +1,8 @@
 """Tests of simclr_tf.evaluation: weighted kNN against NumPy, results."""
 
+import importlib.util
 import json
+import sys
 
 import keras
 import numpy as np
@@ -173,3 +175,102 @@ def test_linear_accuracy_is_computed_in_float32_under_bfloat16(tmp_path):
     assert results["eval/label_top_1_accuracy"] == pytest.approx(
         np.mean(labels == 1)
     )
+
+
+def _digits_split():
+    from sklearn import datasets
+
+    digits = datasets.load_digits()
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(digits.target))
+    train, test = order[:1400], order[1400:]
+    x, y = digits.data.astype(np.float32), digits.target
+    return x[train], y[train], x[test], y[test]
+
+
+def test_logistic_regression_is_the_documented_protocol_on_digits():
+    # Independent expectation: standardise with the training mean and
+    # (population) std in NumPy, then a plain LogisticRegression(C).
+    from sklearn.linear_model import LogisticRegression
+
+    x_train, y_train, x_test, y_test = _digits_split()
+    got = evaluation.logistic_regression_accuracy(
+        x_train, y_train, x_test, y_test, c=0.5
+    )
+    mean, std = x_train.mean(0), x_train.std(0)
+    std[std == 0] = 1.0  # Constant pixels: StandardScaler leaves them.
+    reference = LogisticRegression(C=0.5, max_iter=1000).fit(
+        (x_train - mean) / std, y_train
+    )
+    expected = np.mean(reference.predict((x_test - mean) / std) == y_test)
+    assert got == pytest.approx(expected, abs=1.0 / len(y_test))
+    assert got > 0.9  # Raw-pixel logistic regression: about 96 % (FACTS).
+
+
+def test_logistic_regression_ignores_feature_scale():
+    # Standardised features: rescaling a feature changes nothing.
+    x_train, y_train, x_test, y_test = _digits_split()
+    scale = np.geomspace(1e-3, 1e3, x_train.shape[1]).astype(np.float32)
+    plain = evaluation.logistic_regression_accuracy(
+        x_train, y_train, x_test, y_test
+    )
+    scaled = evaluation.logistic_regression_accuracy(
+        x_train * scale, y_train, x_test * scale, y_test
+    )
+    assert scaled == pytest.approx(plain, abs=1.0 / len(y_test))
+
+
+def test_logistic_regression_separable_and_chance():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 3, size=600)
+    centres = 10.0 * np.eye(3, 8)
+    x = centres[labels] + rng.normal(size=(600, 8))
+    train, test = slice(0, 400), slice(400, 600)
+    separable = evaluation.logistic_regression_accuracy(
+        x[train], labels[train], x[test], labels[test]
+    )
+    assert separable == 1.0
+    # Labels independent of the features: about chance (1/3) on test.
+    shuffled = rng.permutation(labels)
+    chance = evaluation.logistic_regression_accuracy(
+        x[train], shuffled[train], x[test], shuffled[test]
+    )
+    assert chance < 0.5
+
+
+def test_logistic_regression_without_sklearn_names_the_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    with pytest.raises(ImportError, match=r"simclr_tf\[quickstart\]"):
+        evaluation.logistic_regression_accuracy(
+            np.zeros((2, 1)), [0, 1], np.zeros((1, 1)), [0]
+        )
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(config_lib.ConfigError, match="scikit-learn"):
+        config_lib.validate(
+            config_lib.from_flat({"eval_logistic_regression": True})
+        )
+
+
+def test_evaluate_writes_logistic_regression_next_to_knn(tmp_path):
+    config = _eval_config(
+        tmp_path,
+        train_mode="finetune",
+        knn_k=5,
+        knn_train_examples=16,
+        eval_logistic_regression=True,
+    )
+    strategy = two_replica_strategy()
+    with tfds.testing.mock_data(num_examples=48):
+        info = input_pipeline.get_dataset_info(config.data)
+        with strategy.scope():
+            model = factory.build_model(config, 10)
+        results = evaluation.evaluate(config, strategy, model, info, step=3)
+        features = evaluation.frozen_features(config, model)
+    assert features.train.shape[0] == 16
+    assert features.eval.shape[0] == 16  # eval_steps=2 batches of 8.
+    expected = evaluation.logistic_regression_accuracy(*features)
+    assert results["eval/logreg_top_1_accuracy"] == pytest.approx(expected)
+    assert "eval/knn_top_1_accuracy" in results
+    evaluation.write_results(config, results, writer=None)
+    record = json.loads((tmp_path / "result.json").read_text())
+    assert record["eval/logreg_top_1_accuracy"] == pytest.approx(expected)
