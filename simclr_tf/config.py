@@ -9,6 +9,7 @@ TensorFlow: configs are validated before any TensorFlow work starts.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 from typing import Any
@@ -111,7 +112,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Linear-head evaluation and the kNN monitor."""
+    """Linear-head evaluation, the kNN monitor, logistic regression."""
 
     eval_batch_size: int = 256
     eval_steps: int = 0
@@ -119,6 +120,8 @@ class EvalConfig:
     knn_k: int = 200
     knn_temperature: float = 0.07
     knn_train_examples: int = 10000
+    eval_logistic_regression: bool = False
+    logistic_regression_c: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,7 +304,15 @@ def validate(config: Config) -> Config:
             "steps_per_loop": t.steps_per_loop,
             "keep_checkpoint_max": t.keep_checkpoint_max,
             "knn_temperature": e.knn_temperature,
+            "logistic_regression_c": e.logistic_regression_c,
         }
+    )
+    _check(
+        not e.eval_logistic_regression
+        or importlib.util.find_spec("sklearn") is not None,
+        "Received: eval_logistic_regression=True, but scikit-learn is not "
+        "installed. Install it with pip install 'simclr_tf[quickstart]', or "
+        "drop --eval_logistic_regression.",
     )
     for name, value in {
         "train_steps": t.train_steps,
