@@ -10,7 +10,11 @@ Writes:
               train/contrast_acc) and linear-head accuracy over steps: the
               training accuracy train/supervised_acc as lines and the eval
               accuracy eval/label_top_1_accuracy (one point per evaluation)
-              as markers, one colour per run.
+              as markers, one colour per run; when a run logged them,
+              also the training-health monitors train/proj_std
+              (projection std, collapse -> 0) and train/rankme (RankMe
+              effective rank of the encoder features). A curve a run
+              lacks is left out; a panel no run has is not drawn.
   augmentations.png  the augmentation preview of the first run (or
               --preview_model_dir): originals and pretraining views made as
               training makes them, from that run's config.json
@@ -36,6 +40,13 @@ CONTRAST_ACC = "train/contrast_acc"
 TRAIN_ACC = "train/supervised_acc"
 EVAL_ACC = "eval/label_top_1_accuracy"
 KNN_ACC = "eval/knn_top_1_accuracy"
+PROJ_STD = "train/proj_std"
+RANKME = "train/rankme"
+# Optional panels (tag, title): drawn when at least one run has the tag.
+HEALTH_PANELS = (
+    (PROJ_STD, "projection std (collapse -> 0)"),
+    (RANKME, "RankMe effective rank (collapse -> 1)"),
+)
 PREVIEW_CELL_PIXELS = 48  # Small images are upscaled to this per view.
 
 
@@ -88,10 +99,24 @@ def _xy(points):
     return steps, values
 
 
+def health_panels(
+    runs: dict[str, dict[str, list[tuple[int, float]]]],
+) -> list[tuple[str, str]]:
+    """The (tag, title) of each health panel that some run has data for."""
+    return [
+        (tag, title)
+        for tag, title in HEALTH_PANELS
+        if any(tag in scalars for scalars in runs.values())
+    ]
+
+
 def plot_curves(
     runs: dict[str, dict[str, list[tuple[int, float]]]], path: str
 ) -> str:
-    """Writes the three-panel curves PNG of `runs` ({label: scalars}).
+    """Writes the curves PNG of `runs` ({label: scalars}).
+
+    Three panels (contrastive loss, contrastive accuracy, linear-head
+    accuracy), then one per `health_panels(runs)`, each 5 inches wide.
 
     Args:
       runs: scalars of each run, as returned by `read_scalars`.
@@ -105,11 +130,14 @@ def plot_curves(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    extra = health_panels(runs)
+    fig, axes = plt.subplots(
+        1, 3 + len(extra), figsize=(15 + 5 * len(extra), 4.2)
+    )
     panels = [
         (axes[0], CONTRAST_LOSS, "contrastive loss (NT-Xent)"),
         (axes[1], CONTRAST_ACC, "contrastive accuracy"),
-    ]
+    ] + [(axes[3 + i], tag, title) for i, (tag, title) in enumerate(extra)]
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, scalars) in enumerate(runs.items()):
         colour = colours[i % len(colours)]

@@ -13,6 +13,7 @@ TensorFlow: configs are checked before any TensorFlow work starts.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 from typing import Any
@@ -226,7 +227,9 @@ class ModelConfig:
         "encoder output, j = output of head layer j, -1 = last.",
     )
     zero_init_logits_layer: bool = _field(
-        False, "Zero-initialise the supervised head when fine-tuning."
+        False,
+        "Zero-initialise the supervised head when the weights come from "
+        "--checkpoint (the head is then not restored); no effect otherwise.",
     )
 
     def __post_init__(self) -> None:
@@ -427,7 +430,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Linear-head evaluation and the kNN monitor."""
+    """Linear-head evaluation, the kNN monitor, logistic regression."""
 
     eval_batch_size: int = _field(
         256, "Global evaluation batch size in images."
@@ -447,9 +450,32 @@ class EvalConfig:
     knn_train_examples: int = _field(
         10000, "Training images used as the kNN monitor's memory bank."
     )
+    eval_logistic_regression: bool = _field(
+        False,
+        "Also evaluate the frozen encoder features with scikit-learn's "
+        "logistic regression (standardised features, L2, C = "
+        "--logistic_regression_c), fitted on the knn_train_examples "
+        "training images and scored on the eval split: "
+        "eval/logreg_top_1_accuracy. Needs pip install "
+        "'simclr_tf[quickstart]'.",
+    )
+    logistic_regression_c: float = _field(
+        1.0,
+        "Inverse L2 regularisation strength C of --eval_logistic_regression "
+        "(scikit-learn's default 1.0).",
+    )
 
     def __post_init__(self) -> None:
-        _check_positive(self, "eval_batch_size", "knn_temperature")
+        _check_positive(
+            self, "eval_batch_size", "knn_temperature", "logistic_regression_c"
+        )
+        _check(
+            not self.eval_logistic_regression
+            or importlib.util.find_spec("sklearn") is not None,
+            "Received: eval_logistic_regression=True, but scikit-learn is "
+            "not installed. Install it with pip install "
+            "'simclr_tf[quickstart]', or drop --eval_logistic_regression.",
+        )
         _check_non_negative(self, "eval_steps", "knn_k", "knn_train_examples")
 
 

@@ -66,10 +66,14 @@ def checkpoint_every(
     num_examples: int,
     global_batch: int,
 ) -> int:
-    """Steps between checkpoints: `checkpoint_steps`, else from epochs."""
+    """Steps between checkpoints: `checkpoint_steps`, else from epochs.
+
+    An epoch is round(num_examples / B) steps here, as in the reference
+    (50,000 / 512 -> 98), unlike the floor of `total_train_steps`.
+    """
     if checkpoint_steps:
         return checkpoint_steps
-    steps_per_epoch = max(1, num_examples // global_batch)
+    steps_per_epoch = max(1, round(num_examples / global_batch))
     return max(1, checkpoint_epochs * steps_per_epoch)
 
 

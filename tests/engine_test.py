@@ -72,6 +72,9 @@ def test_smoke_run_py_leaves_every_output(tmp_path):
     ):
         assert key in record, key
     assert record["global_step"] == 2
+    assert "flags" not in record  # Numbers only; flags in flags.json.
+    flags = json.loads((tmp_path / "flags.json").read_text())
+    assert flags["train_steps"] == 2
     assert (tmp_path / "result_2.json").exists()
     assert "--train_steps=2" in (tmp_path / "flags.cfg").read_text()
     assert (tmp_path / "saved_model" / "2" / "saved_model.pb").exists()

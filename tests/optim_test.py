@@ -75,9 +75,16 @@ def test_step_arithmetic():
     # train_steps overrides epochs.
     train = config_lib.TrainConfig(train_steps=7, train_epochs=100)
     assert _total(train, 1281167) == 7
-    # Checkpoints: every epoch of 50000 // 512 = 97 steps, or every N steps.
+    # Checkpoints: every epoch of round(50000 / 512) = round(97.66) = 98
+    # steps (reference; the floor would be 97), or every N steps.
     train = config_lib.TrainConfig(train_batch_size=512)
-    assert _every(train, 50000) == 97
+    assert _every(train, 50000) == 98
+    train = config_lib.TrainConfig(train_batch_size=512, checkpoint_epochs=2)
+    assert _every(train, 50000) == 2 * 98
+    train = config_lib.TrainConfig(train_batch_size=4096)  # 1281167 / 4096
+    assert _every(train, 1281167) == 313  # = 312.78
+    train = config_lib.TrainConfig(train_batch_size=512)
+    assert _every(train, 100) == 1  # Never 0.
     train = config_lib.TrainConfig(checkpoint_steps=10, checkpoint_epochs=3)
     assert _every(train, 50000) == 10
 

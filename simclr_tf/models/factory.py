@@ -57,6 +57,10 @@ def build_model(
       dtype_policy: the Keras dtype policy of every layer ("float32",
         "mixed_bfloat16", "mixed_float16"); None keeps the global policy.
 
+    The supervised head starts at zero when `zero_init_logits_layer` and
+    the weights come from `--checkpoint` (which then does not restore the
+    head); otherwise it gets the reference's RandomNormal(0.01) init.
+
     Returns:
       A built `SimCLRModel`: 2 views in pretraining, 1 in fine-tuning.
 
@@ -95,7 +99,9 @@ def build_model(
     if has_supervised_head(config, num_classes):
         supervised_head = heads.SupervisedHead(
             num_classes,
-            zero_init=finetune and m.zero_init_logits_layer,
+            # As the reference, the zero head replaces the one a
+            # `--checkpoint` would bring; a fresh run keeps the normal init.
+            zero_init=m.zero_init_logits_layer and bool(t.checkpoint),
             name="head_supervised",
         )
     num_views = 1 if finetune else PRETRAIN_VIEWS
