@@ -356,6 +356,20 @@ def _wants_supervised(config: config_lib.Config, num_classes) -> bool:
     return not config.model.zero_init_logits_layer
 
 
+def _check_readable(source: Source) -> None:
+    """Reads every model tensor once: a truncated file fails here, before
+    the run writes anything."""
+    reader = tf.train.load_checkpoint(source.prefix)
+    for name, key in source.names.items():
+        try:
+            reader.get_tensor(key)
+        except tf.errors.OpError as e:
+            raise SourceError(
+                f"Cannot read {name!r} from {source.prefix!r}: the file is "
+                "truncated or corrupt. Copy or download it again."
+            ) from e
+
+
 def check_config(
     config: config_lib.Config, source: Source, num_classes: int | None
 ) -> Architecture:
@@ -364,6 +378,7 @@ def check_config(
     Raises:
       SourceError: one line naming every mismatch and its fix.
     """
+    _check_readable(source)
     arch = infer_architecture(source)
     problems = _mismatches(config, arch, num_classes)
     head = _head_problem(config, arch, num_classes)
