@@ -101,9 +101,10 @@ def convert(
     config_lib.write_json(config, output_dir)
     with open(os.path.join(output_dir, "flags.cfg"), "w") as f:
         f.write(_flags_text(config))
-    tf.train.Checkpoint(model=model).write(
-        os.path.join(output_dir, f"ckpt-{step}")
-    )
+    # A CheckpointManager save, so that `--checkpoint=<output_dir>` finds it.
+    tf.train.CheckpointManager(
+        tf.train.Checkpoint(model=model), output_dir, max_to_keep=1
+    ).save(checkpoint_number=step)
     export_dir = export.export_saved_model(
         model,
         os.path.join(output_dir, "saved_model", str(step)),
