@@ -16,7 +16,7 @@ import keras
 import tensorflow as tf
 
 from simclr_tf import config as config_lib
-from simclr_tf import export, interop
+from simclr_tf import export, interop, interop_arch
 from simclr_tf.models import factory
 
 # Image sizes written to the config: the reference eval sizes.
@@ -25,7 +25,7 @@ IMAGENET_IMAGE_SIZE = 224
 
 
 def config_for(
-    arch: interop.Architecture,
+    arch: interop_arch.Architecture,
     image_size: int | None = None,
     ft_proj_selector: int = 0,
 ) -> config_lib.Config:
@@ -68,7 +68,7 @@ def convert(
     output_dir: str,
     image_size: int | None = None,
     ft_proj_selector: int = 0,
-) -> tuple[interop.Source, interop.Architecture, str]:
+) -> tuple[interop.Source, interop_arch.Architecture, str]:
     """Writes `output_dir` from a reference source.
 
     Returns:

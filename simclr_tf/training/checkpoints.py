@@ -150,7 +150,9 @@ def restore_initial_weights(
     if source.kind != interop.OURS:
         head = model.supervised_head
         try:
-            interop.check_config(config, source, head and head.num_classes)
+            num_classes = head.num_classes if head is not None else None
+            # `restore` reads every tensor before assigning any.
+            interop.check_config(config, source, num_classes, False)
             interop.restore(model, config, source)
         except interop.SourceError as e:
             raise CheckpointError(str(e)) from e
