@@ -39,6 +39,8 @@ class Architecture:
     proj_out_dim: int | None
     num_classes: int | None
     global_bn: bool
+    hidden_dims: tuple = ()  # widths of [h, h_1, ..., h_L] of the head
+    supervised_input_dim: int | None = None
 
 
 def infer(shapes: dict[str, tuple], where: str) -> Architecture:
@@ -97,7 +99,20 @@ def infer(shapes: dict[str, tuple], where: str) -> Architecture:
         proj_out_dim=last[-1] if last else None,
         num_classes=sup[-1] if sup else None,
         global_bn=any("sync_batch_normalization" in n for n in shapes),
+        hidden_dims=_hidden_dims(parsed, slots, shape),
+        supervised_input_dim=sup[0] if sup else None,
     )
+
+
+def _hidden_dims(parsed, slots, shape) -> tuple:
+    layer = "nl" if parsed.proj_mode == "nonlinear" else "l"
+    kernels = [
+        shape(f"projection_head/{layer}_{j}/dense/kernel")
+        for j in sorted(parsed.proj_layers)
+    ]
+    if not kernels or None in kernels:
+        return ()
+    return (kernels[0][0], *(k[-1] for k in kernels))
 
 
 def _infer_sk(parsed, slots, shape, num_stem_convs) -> float:
@@ -173,6 +188,18 @@ def head_problem(
             "the source has no supervised head; pass "
             "--zero_init_logits_layer to start a new one"
         )
+    selector = config.model.ft_proj_selector
+    if arch.hidden_dims and -len(arch.hidden_dims) <= selector < len(
+        arch.hidden_dims
+    ):
+        if arch.hidden_dims[selector] != arch.supervised_input_dim:
+            return (
+                f"the source's supervised head reads a "
+                f"{arch.supervised_input_dim}-wide layer, "
+                f"ft_proj_selector={selector} here selects a "
+                f"{arch.hidden_dims[selector]}-wide one; use the source "
+                "run's --ft_proj_selector or --zero_init_logits_layer"
+            )
     if arch.num_classes != num_classes:
         return (
             f"the source's supervised head has {arch.num_classes} classes, "

@@ -243,6 +243,7 @@ def test_unplaceable_weights_are_listed_and_nothing_loads(tmp_path):
     np.testing.assert_array_equal(model.encoder.stem.conv0.kernel, before)
 
 
+@pytest.mark.slow
 def test_convert_writes_a_run_dir_whose_export_matches(tmp_path):
     arch, size = SMALL["r50_sk1_sm"]
     source, _ = _write(tmp_path, "r50_sk1_sm", arch)
@@ -262,6 +263,7 @@ def test_convert_writes_a_run_dir_whose_export_matches(tmp_path):
     assert export.load_metadata(export_dir)["num_classes"] == 6
 
 
+@pytest.mark.slow
 def test_run_py_mismatch_exits_2_and_writes_nothing(tmp_path):
     arch, size = SMALL["r50_sk1_sm"]
     source, _ = _write(tmp_path, "r50_sk1_sm", arch)
@@ -297,3 +299,67 @@ def test_run_py_mismatch_exits_2_and_writes_nothing(tmp_path):
     errors = [line for line in lines if line.startswith("run.py: error:")]
     assert len(errors) == 1 and "sk_ratio=0.0625" in errors[0]
     assert not model_dir.exists()
+
+
+def test_tf1_checkpoint_is_refused_with_the_alternative(tmp_path):
+    prefix = str(tmp_path / "model.ckpt-250228")
+    tf.raw_ops.SaveV2(
+        prefix=prefix,
+        tensor_names=["base_model/conv2d/kernel", "global_step"],
+        shape_and_slices=["", ""],
+        tensors=[tf.zeros((7, 7, 3, 64)), tf.constant(250228, tf.int64)],
+    )
+    with pytest.raises(interop.SourceError, match="TF1 checkpoint") as e:
+        interop.detect(prefix)
+    assert "SavedModel" in str(e.value)
+
+
+def test_convert_script_prints_what_it_found(tmp_path):
+    arch, _ = SMALL["r18_cifar_ckpt"]
+    source, values = _write(tmp_path, "r18", arch)
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "scripts", "convert_checkpoint.py"),
+            f"--source={os.path.dirname(source)}",
+            f"--output_dir={out}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": REPO},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ResNet-18 1x (base width 8)" in result.stdout
+    assert "CIFAR stem" in result.stdout and "10 classes" in result.stdout
+    assert "step: 700" in result.stdout and "EMA: none" in result.stdout
+    # The export equals the reference forward pass on the source weights.
+    images = tf.random.stateless_uniform((2, 16, 16, 3), seed=(5, 6))
+    export_dir = str(out / "saved_model" / "700")
+    ours = tf.saved_model.load(export_dir)(images, training=False)
+    theirs = rl.forward(arch, values, images)
+    for k in ENDPOINTS:
+        assert _relative_diff(ours[k], theirs[k]) <= 1e-5, k
+    again = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "scripts", "convert_checkpoint.py"),
+            f"--source={out}",
+            f"--output_dir={tmp_path / 'again'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": REPO},
+        timeout=300,
+    )
+    assert again.returncode == 2
+    assert "export_saved_model.py" in again.stderr
+
+
+def test_selector_that_cannot_feed_the_source_head_names_it(tmp_path):
+    arch, size = SMALL["r18_cifar_ckpt"]  # head reads the 64-wide encoder
+    message = _error(tmp_path, arch, size, 10, ft_proj_selector=-1)
+    assert "ft_proj_selector=-1" in message and "128-wide" in message
