@@ -314,6 +314,7 @@ def test_tf1_checkpoint_is_refused_with_the_alternative(tmp_path):
     assert "SavedModel" in str(e.value)
 
 
+@pytest.mark.slow
 def test_convert_script_prints_what_it_found(tmp_path):
     arch, _ = SMALL["r18_cifar_ckpt"]
     source, values = _write(tmp_path, "r18", arch)
