@@ -47,19 +47,22 @@ class Var:
 
 
 class _Counters:
-    def __init__(self):
+    """Keras-2 unique names; `offset` layers of each kind made before."""
+
+    def __init__(self, offset: int = 0):
         self.counts = collections.Counter()
+        self.offset = offset
 
     def __call__(self, base: str) -> str:
-        n = self.counts[base]
+        n = self.counts[base] + self.offset
         self.counts[base] += 1
         return base if n == 0 else f"{base}_{n}"
 
 
 class _Builder:
-    def __init__(self, arch: Arch):
+    def __init__(self, arch: Arch, offset: int = 0):
         self.arch = arch
-        self.n = _Counters()
+        self.n = _Counters(offset)
         self.vars: list[Var] = []
 
     def conv(self, path, scope, shape, raw=False):
@@ -199,9 +202,13 @@ class _Builder:
                 )
 
 
-def layout(arch: Arch) -> list[Var]:
-    """Every model variable of the reference for `arch`, in creation order."""
-    b = _Builder(arch)
+def layout(arch: Arch, offset: int = 0) -> list[Var]:
+    """Every model variable of the reference for `arch`, in creation order.
+
+    `offset` > 0 names them as in a process that built `offset` layers of
+    each kind before (e.g. `conv2d_fixed_padding_3` for the first conv).
+    """
+    b = _Builder(arch, offset)
     cin = b.stem()
     kind, blocks = BLOCKS[arch.depth]
     for g, n in enumerate(blocks):
