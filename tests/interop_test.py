@@ -9,6 +9,7 @@ independent forward pass of the reference architecture.
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -382,3 +383,21 @@ def test_selector_that_cannot_feed_the_source_head_names_it(tmp_path):
     arch, size = SMALL["r18_cifar_ckpt"]  # head reads the 64-wide encoder
     message = _error(tmp_path, arch, size, 10, ft_proj_selector=-1)
     assert "ft_proj_selector=-1" in message and "128-wide" in message
+
+
+def test_fixture_saved_model_keys_have_the_measured_layout(tmp_path):
+    # The serialiser's key choice (`model/resnet_model/variables/N`,
+    # `trainable_variables_list/N`) as measured, counted by pattern.
+    path = os.path.join(JSON_DIR, "r18_cifar.json")
+    if not os.path.exists(path):
+        pytest.skip(f"{path} not available")
+    with open(path) as f:
+        measured = json.load(f)["saved_model_checkpoint_keys"]
+    arch = dataclasses.replace(JSON_ARCHS["r18_cifar"], base=8)
+    source, _ = _write(tmp_path, "r18_sm", arch)
+    keys = tf.train.list_variables(source + "/700/variables/variables")
+
+    def patterns(pairs):
+        return sorted(re.sub(r"/\d+/", "/N/", k) for k, _ in pairs)
+
+    assert patterns(keys) == patterns(measured)
