@@ -22,6 +22,7 @@ from simclr_tf import config as config_lib
 from simclr_tf import convert, export, interop, interop_names
 from simclr_tf.models import factory
 from simclr_tf.training import checkpoints
+from tests import reference_forward
 from tests import reference_layout as rl
 
 JSON_DIR = "/work/shared/reference_checkpoints"
@@ -151,7 +152,7 @@ def test_loaded_model_reproduces_the_reference_outputs(tmp_path, key):
         assert not loaded.signatures
         theirs = loaded(images, trainable=False)
     else:
-        theirs = rl.forward(arch, values, images)
+        theirs = reference_forward.forward(arch, values, images)
     diffs = {k: _relative_diff(ours[k], theirs[k]) for k in ENDPOINTS}
     print(key, {k: f"{v:.1e}" for k, v in diffs.items()})
     assert max(diffs.values()) <= 1e-5, diffs
@@ -170,7 +171,7 @@ def test_names_from_a_busier_process_map_the_same(tmp_path):
     checkpoints.restore_initial_weights(model, config)
     images = tf.random.stateless_uniform((2, size, size, 3), seed=(7, 8))
     ours = model(images, training=False)
-    theirs = rl.forward(arch, values, images)
+    theirs = reference_forward.forward(arch, values, images)
     for k in ENDPOINTS:
         assert _relative_diff(ours[k], theirs[k]) <= 1e-5, k
 
@@ -359,7 +360,7 @@ def test_convert_script_prints_what_it_found(tmp_path):
     images = tf.random.stateless_uniform((2, 16, 16, 3), seed=(5, 6))
     export_dir = str(out / "saved_model" / "700")
     ours = tf.saved_model.load(export_dir)(images, training=False)
-    theirs = rl.forward(arch, values, images)
+    theirs = reference_forward.forward(arch, values, images)
     for k in ENDPOINTS:
         assert _relative_diff(ours[k], theirs[k]) <= 1e-5, k
     again = subprocess.run(
