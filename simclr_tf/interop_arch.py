@@ -40,6 +40,8 @@ class Architecture:
     num_classes: int | None
     global_bn: bool
     hidden_dims: tuple = ()  # widths of [h, h_1, ..., h_L] of the head
+    se_widths: tuple = ()  # SE bottleneck width per block group
+    sk_widths: tuple = ()  # SK mixing width per block group
     supervised_input_dim: int | None = None
 
 
@@ -100,8 +102,15 @@ def infer(shapes: dict[str, tuple], where: str) -> Architecture:
         num_classes=sup[-1] if sup else None,
         global_bn=any("sync_batch_normalization" in n for n in shapes),
         hidden_dims=_hidden_dims(parsed, slots, shape),
+        se_widths=_group_widths(shape, "se/reduce/kernel"),
+        sk_widths=_group_widths(shape, "sk_conv/mix_conv0/kernel"),
         supervised_input_dim=sup[0] if sup else None,
     )
+
+
+def _group_widths(shape, slot: str) -> tuple:
+    shapes = [shape(f"block_group{g}/block1/{slot}") for g in range(1, 5)]
+    return tuple(s[-1] for s in shapes if s is not None)
 
 
 def _hidden_dims(parsed, slots, shape) -> tuple:
@@ -130,6 +139,15 @@ def _infer_sk(parsed, slots, shape, num_stem_convs) -> float:
     return max(mid / f for f, mid in ratios)
 
 
+def _widths(arch: Architecture, ratio: float, minimum: int) -> tuple:
+    """Inner widths max(minimum, int(filters * ratio)) of the SE or SK
+    layers of the four block groups (() when `ratio` is 0)."""
+    if ratio <= 0:
+        return ()
+    base = arch.resnet_base_width * arch.width_multiplier
+    return tuple(max(minimum, int(base * 2**g * ratio)) for g in range(4))
+
+
 def mismatches(config: config_lib.Config, arch: Architecture) -> list[str]:
     """One "<flag>=<source> in the source vs <run> here" per contradiction."""
     m = config.model
@@ -150,8 +168,13 @@ def mismatches(config: config_lib.Config, arch: Architecture) -> list[str]:
         differ("sk_ratio", arch.sk_ratio, m.sk_ratio, "selective kernels")
     if arch.sk_ratio == 0 and m.sk_ratio > 0 and not arch.cifar_stem:
         differ("sk_ratio", arch.sk_ratio, m.sk_ratio, "no selective kernels")
-    if (arch.se_ratio > 0) != (m.se_ratio > 0):
+    if arch.se_widths != _widths(arch, m.se_ratio, 1):
         differ("se_ratio", arch.se_ratio, m.se_ratio)
+    bottleneck = resnet.BLOCKS[arch.resnet_depth][0] == "bottleneck"
+    if bottleneck and arch.sk_ratio > 0 and m.sk_ratio > 0:
+        # Selective kernels sit in bottlenecks only.
+        if arch.sk_widths != _widths(arch, m.sk_ratio, SK_MIN_DIM):
+            differ("sk_ratio", arch.sk_ratio, m.sk_ratio)
     cifar = config_lib.use_cifar_stem(config.data.image_size)
     if arch.cifar_stem != cifar:
         stem = "the CIFAR stem" if arch.cifar_stem else "the ImageNet stem"

@@ -402,3 +402,9 @@ def test_fixture_saved_model_keys_have_the_measured_layout(tmp_path):
         return sorted(re.sub(r"/\d+/", "/N/", k) for k, _ in pairs)
 
     assert patterns(keys) == patterns(measured)
+
+
+def test_other_se_ratio_names_it_before_loading(tmp_path):
+    arch, size = SMALL["r34_2x_sk_se_sm"]
+    message = _error(tmp_path, arch, size, 7, se_ratio=0.5)
+    assert "se_ratio=0.25 in the source vs 0.5 here" in message
