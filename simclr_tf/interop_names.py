@@ -33,6 +33,8 @@ _SUFFIXED = re.compile(r"^(?P<base>.+?)(?:_(?P<n>\d+))?$")
 _LEAVES = ("kernel", "bias", "gamma", "beta", "moving_mean", "moving_variance")
 _ENCODER = re.compile(r"^resnet(_\d+)?$")
 _GROUP = re.compile(r"^block_group(\d)$")
+# Block scopes of the reference -> our block types.
+_BLOCK_SCOPES = {"residual_block": "basic", "bottleneck_block": "bottleneck"}
 
 
 def _split(segment: str) -> tuple[str, int]:
@@ -133,11 +135,11 @@ class ParsedNames:
             if len(segs) < 4:
                 return False
             base, n = _split(segs[2])
-            block_type = {"residual_block": "basic"}.get(base, base)
-            if block_type not in ("basic", "bottleneck_block"):
-                return False
-            block_type = "basic" if block_type == "basic" else "bottleneck"
-            if self.block_type not in (None, block_type):
+            block_type = _BLOCK_SCOPES.get(base)
+            if block_type is None or self.block_type not in (
+                None,
+                block_type,
+            ):
                 return False
             self.block_type = block_type
             block = blocks[int(group.group(1))].setdefault(n, _Block())
