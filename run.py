@@ -38,10 +38,17 @@ def main(argv: list[str]) -> None:
             "for checkpoints, logs and results.\n"
         )
         sys.exit(2)
-    cli.write_flags_file(config.train.model_dir)
     # Imported here so that flag errors and --helpfull need no TensorFlow.
     from simclr_tf import experiment
 
+    try:
+        # A --checkpoint that cannot initialise the run fails before any
+        # file is written to model_dir.
+        experiment.check_initial_checkpoint(config)
+    except ConfigError as e:
+        sys.stderr.write(f"run.py: error: {e}\n")
+        sys.exit(2)
+    cli.write_flags_file(config.train.model_dir)
     logging.info("Flags used:\n%s", cli.flags_file_text())
     try:
         experiment.run(config)

@@ -115,6 +115,23 @@ def build_model_and_optimizer(
     return model, optimizer
 
 
+def check_initial_checkpoint(config: config_lib.Config) -> None:
+    """Fails before anything is written to model_dir when `--checkpoint`
+    cannot initialise this run (it is not used when model_dir already
+    holds a checkpoint to resume from).
+
+    Raises:
+      CheckpointError: see `checkpoints.check_initial_checkpoint`.
+    """
+    model_dir = config.train.model_dir
+    if not config.train.checkpoint or (
+        model_dir and tf.train.latest_checkpoint(model_dir)
+    ):
+        return
+    info = input_pipeline.get_dataset_info(config.data)
+    checkpoints.check_initial_checkpoint(config, info.num_classes)
+
+
 def _evaluate_and_record(config, strategy, model, info, step, writer):
     results = evaluation.evaluate(config, strategy, model, info, step)
     if writer is not None:
