@@ -69,11 +69,16 @@ def _write_augmentation_summary(
 
     It reads its own small pipeline: a second iterator over the training
     dataset would advance its seeded reshuffling and change the stream.
+    That pipeline does not cache: it reads only a shuffle buffer's worth,
+    and a partly read cache is discarded with a warning.
     """
     if ctx.writer is None:
         return
     dataset = input_pipeline.build_dataset(
-        data, batch_size=8, is_training=True, pretrain=pretrain
+        dataclasses.replace(data, cache_dataset=False),
+        batch_size=8,
+        is_training=True,
+        pretrain=pretrain,
     )
     images, _ = next(iter(dataset))
     with ctx.writer.as_default(step=0):
