@@ -138,6 +138,7 @@ def _plot_run_row(axes, label: str, scalars: dict) -> None:
     for (tag, name), colour in zip(ACC_LINES, ("C0", "C1"), strict=True):
         if tag in scalars:
             acc_ax.plot(*_xy(scalars[tag]), color=colour, alpha=0.7, label=name)
+    finals = {t: scalars[t][-1][1] for t, _, _ in ACC_MARKERS if t in scalars}
     for (tag, name, marker), colour in zip(
         ACC_MARKERS, ("C2", "C3"), strict=True
     ):
@@ -147,12 +148,18 @@ def _plot_run_row(axes, label: str, scalars: dict) -> None:
         acc_ax.plot(
             steps, values, marker, color=colour, markersize=11, label=name
         )
+        # The value left of its marker; two close values move apart.
+        others = [v for t, v in finals.items() if t != tag]
+        shift = 0
+        if others and abs(others[0] - values[-1]) < 0.08:
+            shift = 7 if values[-1] >= others[0] else -7
         acc_ax.annotate(
             f"{100 * values[-1]:.1f}%",
             (steps[-1], values[-1]),
-            xytext=(-8, -16 if tag == KNN_ACC else 8),
+            xytext=(-10, shift),
             textcoords="offset points",
             ha="right",
+            va="center",
             color=colour,
             fontweight="bold",
         )
