@@ -15,6 +15,10 @@ Writes:
               test accuracy of the linear head and of the kNN monitor
               (eval/label_top_1_accuracy, eval/knn_top_1_accuracy; markers
               with their value, one per evaluation).
+              When a run logged them, its row also shows the
+              training-health monitors train/proj_std (projection std,
+              collapse -> 0) and train/rankme (RankMe effective rank of the
+              encoder features); a panel no run has is not drawn.
   augmentations.png  the augmentation preview of the first run (or
               --preview_model_dir): a labelled grid of originals and
               pretraining views made as training makes them, from that
@@ -47,6 +51,13 @@ TRAIN_ACC = "train/supervised_acc"
 EVAL_ACC = "eval/label_top_1_accuracy"
 KNN_ACC = "eval/knn_top_1_accuracy"
 FEATURE_KEY = "final_avg_pool"  # The kNN monitor's features.
+PROJ_STD = "train/proj_std"
+RANKME = "train/rankme"
+# Optional panels (tag, title): drawn when at least one run has the tag.
+HEALTH_PANELS = (
+    (PROJ_STD, "projection std (collapse -> 0)"),
+    (RANKME, "RankMe effective rank (collapse -> 1)"),
+)
 
 
 def read_scalars(model_dir: str) -> dict[str, list[tuple[int, float]]]:
@@ -175,6 +186,17 @@ def _plot_run_row(axes, label: str, scalars: dict) -> None:
             ax.legend(fontsize=8, loc="best")
 
 
+def health_panels(
+    runs: dict[str, dict[str, list[tuple[int, float]]]],
+) -> list[tuple[str, str]]:
+    """The (tag, title) of each health panel that some run has data for."""
+    return [
+        (tag, title)
+        for tag, title in HEALTH_PANELS
+        if any(tag in scalars for scalars in runs.values())
+    ]
+
+
 def plot_curves(
     runs: dict[str, dict[str, list[tuple[int, float]]]], path: str
 ) -> str:
@@ -184,6 +206,8 @@ def plot_curves(
     own x-axis): the loss panel and the accuracy panel, where the test
     accuracies of the linear head and of the kNN monitor (the comparison
     the README calls fair for a frozen encoder) are labelled markers.
+    When a run logged them, the training-health panels of
+    `health_panels(runs)` follow in its row.
 
     Args:
       runs: scalars of each run, as returned by `read_scalars`.
@@ -193,11 +217,23 @@ def plot_curves(
       `path`.
     """
     plt = _matplotlib()
+    extra = health_panels(runs)
     fig, axes = plt.subplots(
-        len(runs), 2, figsize=(12, 3.6 * len(runs)), squeeze=False
+        len(runs),
+        2 + len(extra),
+        figsize=(6 * (2 + len(extra)), 3.6 * len(runs)),
+        squeeze=False,
     )
     for row, (label, scalars) in zip(axes, runs.items(), strict=True):
-        _plot_run_row(row, label, scalars)
+        _plot_run_row(row[:2], label, scalars)
+        for ax, (tag, title) in zip(row[2:], extra, strict=True):
+            if tag not in scalars:
+                ax.axis("off")  # This run did not log the monitor.
+                continue
+            ax.plot(*_xy(scalars[tag]))
+            ax.set_title(f"{label}: {title}")
+            ax.set_xlabel(f"training step of {label}")
+            ax.grid(alpha=0.3)
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
@@ -314,7 +350,8 @@ def _read_config(model_dir: str):
 
 def load_encoder(model_dir: str):
     """The encoder of a run: its newest SavedModel export, else the latest
-    checkpoint restored into the model of its config.json.
+    checkpoint restored into the float32 model of its config.json and
+    run_info.json.
 
     Returns:
       (fn, source): fn maps preprocessed images (B, S, S, 3) to the
@@ -322,11 +359,12 @@ def load_encoder(model_dir: str):
       uses); source says which export or checkpoint was read.
 
     Raises:
-      FileNotFoundError: the run has neither.
+      FileNotFoundError: the run has neither, or (for a checkpoint) no
+        run_info.json.
     """
     import tensorflow as tf
 
-    from simclr_tf import export
+    from simclr_tf import run_info
     from simclr_tf.models import factory
 
     exports = os.path.join(model_dir, "saved_model")
@@ -345,14 +383,14 @@ def load_encoder(model_dir: str):
         raise FileNotFoundError(
             f"No SavedModel export or checkpoint in {model_dir!r}."
         )
-    model = factory.build_model(
-        _read_config(model_dir), export.num_classes_in_checkpoint(path)
-    )
+    try:
+        num_classes = run_info.read(model_dir).num_classes
+    except run_info.RunInfoError as e:
+        raise FileNotFoundError(str(e)) from e
+    model = factory.build_model(_read_config(model_dir), num_classes, "float32")
     tf.train.Checkpoint(model=model).restore(path).expect_partial()
     return (
-        lambda images: tf.cast(
-            model(images, training=False)[FEATURE_KEY], tf.float32
-        ),
+        lambda images: model(images, training=False)[FEATURE_KEY],
         f"checkpoint {path}",
     )
 

@@ -136,11 +136,17 @@ def prepare_digits(root: str) -> dict[str, int]:
 
 
 def _read_result(model_dir: str) -> dict | None:
+    """result.json's metrics, with flags.json's flags under "flags"."""
     path = os.path.join(model_dir, "result.json")
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        return json.load(f)
+        result = json.load(f)
+    flags_path = os.path.join(model_dir, "flags.json")
+    if not os.path.exists(flags_path):  # Older runs kept them in result.
+        return result
+    with open(flags_path) as f:
+        return dict(result, flags=json.load(f))
 
 
 def run_stage(name: str, model_dir: str, overrides: dict) -> dict:
@@ -151,7 +157,8 @@ def run_stage(name: str, model_dir: str, overrides: dict) -> dict:
     restored afterwards. A stage whose `result.json` exists is skipped.
 
     Returns:
-      The stage's result.json contents plus "seconds".
+      The stage's result.json contents plus "flags" (flags.json) and
+      "seconds".
     """
     from simclr_tf import experiment
 

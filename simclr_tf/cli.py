@@ -114,7 +114,8 @@ flags.DEFINE_string(
 flags.DEFINE_bool(
     "zero_init_logits_layer",
     False,
-    "Zero-initialise the supervised head when fine-tuning.",
+    "Zero-initialise the supervised head when the weights come from "
+    "--checkpoint (the head is then not restored); no effect otherwise.",
 )
 flags.DEFINE_integer(
     "fine_tune_after_block",
@@ -283,6 +284,21 @@ flags.DEFINE_integer(
     "knn_train_examples",
     10000,
     "Training images used as the kNN monitor's memory bank.",
+)
+flags.DEFINE_bool(
+    "eval_logistic_regression",
+    False,
+    "Also evaluate the frozen encoder features with scikit-learn's "
+    "logistic regression (standardised features, L2, C = "
+    "--logistic_regression_c), fitted on the knn_train_examples training "
+    "images and scored on the eval split: eval/logreg_top_1_accuracy. "
+    "Needs pip install 'simclr_tf[quickstart]'.",
+)
+flags.DEFINE_float(
+    "logistic_regression_c",
+    1.0,
+    "Inverse L2 regularisation strength C of --eval_logistic_regression "
+    "(scikit-learn's default 1.0).",
 )
 flags.DEFINE_enum(
     "mixed_precision",

@@ -9,8 +9,8 @@ TensorFlow: configs are validated before any TensorFlow work starts.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
-import math
 import os
 from typing import Any
 
@@ -112,7 +112,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Linear-head evaluation and the kNN monitor."""
+    """Linear-head evaluation, the kNN monitor, logistic regression."""
 
     eval_batch_size: int = 256
     eval_steps: int = 0
@@ -120,6 +120,8 @@ class EvalConfig:
     knn_k: int = 200
     knn_temperature: float = 0.07
     knn_train_examples: int = 10000
+    eval_logistic_regression: bool = False
+    logistic_regression_c: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,7 +304,15 @@ def validate(config: Config) -> Config:
             "steps_per_loop": t.steps_per_loop,
             "keep_checkpoint_max": t.keep_checkpoint_max,
             "knn_temperature": e.knn_temperature,
+            "logistic_regression_c": e.logistic_regression_c,
         }
+    )
+    _check(
+        not e.eval_logistic_regression
+        or importlib.util.find_spec("sklearn") is not None,
+        "Received: eval_logistic_regression=True, but scikit-learn is not "
+        "installed. Install it with pip install 'simclr_tf[quickstart]', or "
+        "drop --eval_logistic_regression.",
     )
     for name, value in {
         "train_steps": t.train_steps,
@@ -381,37 +391,3 @@ def validate(config: Config) -> Config:
 def use_cifar_stem(image_size: int) -> bool:
     """The 3x3 stride-1 stem without max-pool is used for images <= 32."""
     return image_size <= 32
-
-
-def scaled_learning_rate(optim: OptimConfig, global_batch: int) -> float:
-    """The peak learning rate after batch-size scaling (SPEC.md §6)."""
-    if optim.learning_rate_scaling == "linear":
-        return optim.learning_rate * global_batch / 256.0
-    if optim.learning_rate_scaling == "sqrt":
-        return optim.learning_rate * math.sqrt(global_batch)
-    raise ConfigError(
-        f"Received: learning_rate_scaling={optim.learning_rate_scaling!r}. "
-        f"Use one of {', '.join(LR_SCALINGS)}."
-    )
-
-
-def total_train_steps(train: TrainConfig, num_examples: int) -> int:
-    """`train_steps`, or epochs converted to steps as the reference does."""
-    if train.train_steps:
-        return train.train_steps
-    return num_examples * train.train_epochs // train.train_batch_size + 1
-
-
-def warmup_steps(
-    optim: OptimConfig, num_examples: int, global_batch: int
-) -> int:
-    """round(warmup_epochs * num_examples // B), as in the reference."""
-    return int(round(optim.warmup_epochs * num_examples // global_batch))
-
-
-def checkpoint_every(train: TrainConfig, num_examples: int) -> int:
-    """Steps between checkpoints: `checkpoint_steps`, else from epochs."""
-    if train.checkpoint_steps:
-        return train.checkpoint_steps
-    steps_per_epoch = max(1, num_examples // train.train_batch_size)
-    return max(1, train.checkpoint_epochs * steps_per_epoch)

@@ -1,6 +1,14 @@
-"""Runs one experiment: strategy, data, model, then train / eval / both."""
+"""Runs one experiment: strategy, data, model, then train / eval / both.
+
+This is where the run config stops: the model, its objective, optimizer
+and train plan are built here from it, and the training core
+(`simclr_tf.training`) receives only those values.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import functools
 
 import keras
 import tensorflow as tf
@@ -8,7 +16,8 @@ from absl import logging
 
 import simclr_tf
 from simclr_tf import config as config_lib
-from simclr_tf import distribute, evaluation, export, schedules
+from simclr_tf import distribute, evaluation, export, optim
+from simclr_tf import run_info as run_info_lib
 from simclr_tf.data import input_pipeline
 from simclr_tf.models import factory
 from simclr_tf.training import checkpoints, trainer
@@ -21,6 +30,37 @@ _POLICIES = {
     "bfloat16": "mixed_bfloat16",
     "float16": "mixed_float16",
 }
+
+
+def total_steps(config: config_lib.Config, num_train_examples: int) -> int:
+    """The step the run stops at (`optim.total_train_steps`)."""
+    t = config.train
+    return optim.total_train_steps(
+        t.train_steps, t.train_epochs, num_train_examples, t.train_batch_size
+    )
+
+
+def train_plan(
+    config: config_lib.Config, num_train_examples: int, start_step: int
+) -> trainer.TrainPlan:
+    """The run's step arithmetic, from a restored `start_step`."""
+    t = config.train
+    return trainer.TrainPlan(
+        total_steps=total_steps(config, num_train_examples),
+        checkpoint_every=optim.checkpoint_every(
+            t.checkpoint_steps,
+            t.checkpoint_epochs,
+            num_train_examples,
+            t.train_batch_size,
+        ),
+        steps_per_loop=t.steps_per_loop,
+        global_batch_size=t.train_batch_size,
+        start_step=start_step,
+        # With a fixed seed, a resumed run replays the same stream.
+        start_batch=start_step if config.data.seed is not None else 0,
+        jit_compile=config.runtime.jit_compile,
+        grad_cache_chunk_size=t.grad_cache_chunk_size,
+    )
 
 
 def build_model_and_optimizer(
@@ -40,26 +80,37 @@ def build_model_and_optimizer(
             "which has no labels. Fine-tune on a labelled dataset (class "
             "subfolders) or use --train_mode=pretrain."
         )
-    precision = distribute.resolve_mixed_precision(
-        config.runtime.mixed_precision, strategy
-    )
+    policy = _POLICIES[
+        distribute.resolve_mixed_precision(
+            config.runtime.mixed_precision, strategy
+        )
+    ]
     logging.info(
         "Compute precision: %s (--mixed_precision=%s).",
-        _POLICIES[precision],
+        policy,
         config.runtime.mixed_precision,
     )
-    keras.mixed_precision.set_global_policy(_POLICIES[precision])
-    batch = config.train.train_batch_size
-    total = config_lib.total_train_steps(config.train, info.num_train_examples)
+    o, batch = config.optim, config.train.train_batch_size
+    n = info.num_train_examples
     with strategy.scope():
-        model = factory.build_model(config, info.num_classes)
+        model = factory.build_model(config, info.num_classes, policy)
         size = config.data.image_size
         model(tf.zeros((1, size, size, 3 * model.num_views)), training=False)
-        schedule = schedules.build_schedule(
-            config.optim, info.num_train_examples, batch, total
+        schedule = optim.WarmUpAndCosine(
+            optim.scaled_learning_rate(
+                o.learning_rate, o.learning_rate_scaling, batch
+            ),
+            optim.warmup_steps(o.warmup_epochs, n, batch),
+            total_steps(config, n),
         )
-        optimizer = schedules.build_optimizer(config.optim, schedule, model)
-        if precision == "float16":
+        optimizer = optim.build_optimizer(
+            o.optimizer,
+            schedule,
+            momentum=o.momentum,
+            weight_decay=o.weight_decay,
+            lars_exclusions=model.weight_groups.lars_exclusions,
+        )
+        if policy == _POLICIES["float16"]:
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         optimizer.build(model.trainable_variables)
     return model, optimizer
@@ -72,34 +123,112 @@ def _evaluate_and_record(config, strategy, model, info, step, writer):
     return results
 
 
-def _eval_checkpoints(config, ctx, total):
+def _eval_checkpoints(config, strategy, model, optimizer, info, writer):
     """mode=eval: evaluates each new checkpoint until the last step's."""
     model_dir = config.train.model_dir
+    total = total_steps(config, info.num_train_examples)
     if (
         tf.train.latest_checkpoint(model_dir) is None
         and config.train.checkpoint
     ):
-        checkpoints.restore_initial_weights(ctx.model, config)
-        _evaluate_and_record(
-            config, ctx.strategy, ctx.model, ctx.info, 0, ctx.writer
-        )
+        checkpoints.restore_initial_weights(model, config)
+        _evaluate_and_record(config, strategy, model, info, 0, writer)
         return
-    ckpt = tf.train.Checkpoint(model=ctx.model, optimizer=ctx.optimizer)
+    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer)
     logging.info("Waiting for checkpoints in %s.", model_dir)
     for path in tf.train.checkpoints_iterator(
         model_dir, min_interval_secs=1, timeout=EVAL_WAIT_SECONDS
     ):
         ckpt.restore(path).expect_partial()
-        step = int(ctx.optimizer.iterations.numpy())
-        _evaluate_and_record(
-            config, ctx.strategy, ctx.model, ctx.info, step, ctx.writer
-        )
+        step = int(optimizer.iterations.numpy())
+        _evaluate_and_record(config, strategy, model, info, step, writer)
         if step >= total:
             return
     logging.warning(
         "No new checkpoint in %s for %d s; stopping.",
         model_dir,
         EVAL_WAIT_SECONDS,
+    )
+
+
+def _preview_images(config: config_lib.Config, pretrain: bool) -> tf.Tensor:
+    """8 training examples' views for the augmentation summary.
+
+    A small pipeline of its own: a second iterator over the training
+    dataset would advance its seeded reshuffling and change the stream.
+    It does not cache: it reads only a shuffle buffer's worth, and a
+    partly read cache is discarded with a warning.
+    """
+    dataset = input_pipeline.build_dataset(
+        dataclasses.replace(config.data, cache_dataset=False),
+        batch_size=8,
+        is_training=True,
+        pretrain=pretrain,
+    )
+    images, _ = next(iter(dataset))
+    return images
+
+
+def train(
+    config: config_lib.Config,
+    strategy: tf.distribute.Strategy,
+    model: keras.Model,
+    optimizer: keras.optimizers.Optimizer,
+    num_train_examples: int,
+    chief: bool = True,
+    writer: tf.summary.SummaryWriter | None = None,
+) -> int:
+    """Restores (latest checkpoint, else `--checkpoint`), then trains.
+
+    Returns:
+      The final step.
+    """
+    t = config.train
+    ckpt = checkpoints.Checkpointer(
+        model, optimizer, t.model_dir, t.keep_checkpoint_max, chief=chief
+    )
+    if not ckpt.restore_latest() and t.checkpoint:
+        checkpoints.restore_initial_weights(model, config)
+    plan = train_plan(
+        config, num_train_examples, int(optimizer.iterations.numpy())
+    )
+    pretrain = t.train_mode == "pretrain"
+
+    def dataset_fn(start_batch: int):
+        return input_pipeline.build_distributed_dataset(
+            strategy,
+            config.data,
+            global_batch_size=t.train_batch_size,
+            is_training=True,
+            pretrain=pretrain,
+            start_batch=start_batch,
+        )
+
+    ctx = trainer.TrainContext(
+        strategy,
+        model,
+        optimizer,
+        factory.build_objective(config, model),
+        ckpt,
+        chief,
+        writer,
+        dataset_fn=dataset_fn,
+        preview_fn=functools.partial(_preview_images, config, pretrain),
+    )
+    return trainer.train(plan, ctx)
+
+
+def _write_run_info(config, info, model) -> None:
+    run_info_lib.write(
+        run_info_lib.RunInfo(
+            num_classes=info.num_classes,
+            class_names=info.class_names,
+            num_train_examples=info.num_train_examples,
+            num_eval_examples=info.num_eval_examples,
+            dtype_policy=model.dtype_policy.name,
+            total_steps=total_steps(config, info.num_train_examples),
+        ),
+        config.train.model_dir,
     )
 
 
@@ -117,16 +246,23 @@ def run(config: config_lib.Config) -> dict[str, float] | None:
     chief = distribute.is_chief(strategy)
     if chief:
         config_lib.write_json(config, config.train.model_dir)
+        _write_run_info(config, info, model)
     writer = (
         tf.summary.create_file_writer(config.train.model_dir) if chief else None
     )
-    ctx = trainer.TrainContext(strategy, model, optimizer, info, chief, writer)
-    total = config_lib.total_train_steps(config.train, info.num_train_examples)
     mode = config.train.mode
     if mode == "eval":
-        _eval_checkpoints(config, ctx, total)
+        _eval_checkpoints(config, strategy, model, optimizer, info, writer)
         return None
-    step = trainer.train(config, ctx)
+    step = train(
+        config,
+        strategy,
+        model,
+        optimizer,
+        info.num_train_examples,
+        chief=chief,
+        writer=writer,
+    )
     if chief and config.train.keep_hub_module_max:
         export.export_run(config, model, info, step)
     if mode == "train_then_eval":

@@ -81,12 +81,13 @@ EXPECTED = {
         dataset="imagenet2012",
         resnet_depth=50,
         image_size=224,
-        train_batch_size=4096,
-        learning_rate=0.3,
-        learning_rate_scaling="linear",
+        train_batch_size=4096,  # The reference README's command.
+        learning_rate=0.075,
+        learning_rate_scaling="sqrt",
         temperature=0.1,
-        weight_decay=1e-6,
+        weight_decay=1e-4,
         train_epochs=100,
+        eval_split="validation",
         use_blur=True,
     ),
     "imagenet_r50_lineareval.cfg": dict(

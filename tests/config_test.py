@@ -153,40 +153,6 @@ def test_config_is_frozen():
         c.loss.temperature = 1.0
 
 
-def test_scaled_learning_rate():
-    optim = config_lib.OptimConfig(learning_rate=0.3)
-    assert config_lib.scaled_learning_rate(optim, 4096) == pytest.approx(4.8)
-    optim = config_lib.OptimConfig(
-        learning_rate=0.075, learning_rate_scaling="sqrt"
-    )
-    # 0.075 * sqrt(4096) = 0.075 * 64.
-    assert config_lib.scaled_learning_rate(optim, 4096) == pytest.approx(4.8)
-    assert config_lib.scaled_learning_rate(optim, 256) == pytest.approx(1.2)
-
-
-def test_step_arithmetic():
-    # ImageNet: 1,281,167 images, batch 4096, 100 epochs, 10 warm-up epochs.
-    train = config_lib.TrainConfig(train_batch_size=4096, train_epochs=100)
-    assert config_lib.total_train_steps(train, 1281167) == 31279
-    optim = config_lib.OptimConfig(warmup_epochs=10)
-    # round(10 * 1281167 // 4096) = 12811670 // 4096 = 3127.
-    assert config_lib.warmup_steps(optim, 1281167, 4096) == 3127
-    assert (
-        config_lib.warmup_steps(
-            config_lib.OptimConfig(warmup_epochs=0), 50000, 512
-        )
-        == 0
-    )
-    # train_steps overrides epochs.
-    train = config_lib.TrainConfig(train_steps=7, train_epochs=100)
-    assert config_lib.total_train_steps(train, 1281167) == 7
-    # Checkpoints: every epoch of 50000 // 512 = 97 steps, or every N steps.
-    train = config_lib.TrainConfig(train_batch_size=512)
-    assert config_lib.checkpoint_every(train, 50000) == 97
-    train = config_lib.TrainConfig(checkpoint_steps=10, checkpoint_epochs=3)
-    assert config_lib.checkpoint_every(train, 50000) == 10
-
-
 def test_cifar_stem_threshold():
     assert config_lib.use_cifar_stem(32)
     assert config_lib.use_cifar_stem(16)

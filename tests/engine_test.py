@@ -17,8 +17,8 @@ import tensorflow_datasets as tfds
 
 from simclr_tf import cli, experiment
 from simclr_tf import config as config_lib
+from simclr_tf import objective as objective_lib
 from simclr_tf.training import checkpoints, trainer
-from simclr_tf.training import step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "flags" / "smoke.cfg"
@@ -71,9 +71,18 @@ def test_smoke_run_py_leaves_every_output(tmp_path):
     ):
         assert key in record, key
     assert record["global_step"] == 2
+    assert "flags" not in record  # Numbers only; flags in flags.json.
+    flags = json.loads((tmp_path / "flags.json").read_text())
+    assert flags["train_steps"] == 2
     assert (tmp_path / "result_2.json").exists()
     assert "--train_steps=2" in (tmp_path / "flags.cfg").read_text()
     assert (tmp_path / "saved_model" / "2" / "saved_model.pb").exists()
+    facts = json.loads((tmp_path / "run_info.json").read_text())
+    # mock_data: cifar10's 10 classes, 48 examples per split; 2 steps.
+    assert facts["num_classes"] == 10 and len(facts["class_names"]) == 10
+    assert facts["num_train_examples"] == facts["num_eval_examples"] == 48
+    assert facts["total_steps"] == 2
+    assert facts["dtype_policy"] in ("float32", "mixed_bfloat16")
 
 
 class _Killed(Exception):
@@ -154,8 +163,12 @@ def test_linear_eval_leaves_encoder_bit_identical(tmp_path):
         checkpoints.restore_initial_weights(model, lin)
         before = _encoder_state(model)
         head_before = model.supervised_head.weights[0].numpy().copy()
-        ctx = trainer.TrainContext(strategy, model, optimizer, info, True, None)
-        assert trainer.train(lin, ctx) == 3
+        assert (
+            experiment.train(
+                lin, strategy, model, optimizer, info.num_train_examples
+            )
+            == 3
+        )
     after = _encoder_state(model)
     assert len(before) == len(after) > 0
     for x, y in zip(before, after, strict=True):
@@ -168,21 +181,23 @@ def test_linear_eval_leaves_encoder_bit_identical(tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     built = {}
     original_build = experiment.build_model_and_optimizer
-    original_losses = step_lib.compute_losses
+    original_losses = objective_lib.ContrastiveObjective.__call__
 
     def capture(*args, **kwargs):
         built["model"], built["optimizer"] = original_build(*args, **kwargs)
         return built["model"], built["optimizer"]
 
-    def nan_from_step_3(outputs, labels, model, config, ctx):
-        total, metrics = original_losses(outputs, labels, model, config, ctx)
+    def nan_from_step_3(self, outputs, labels, ctx):
+        total, metrics = original_losses(self, outputs, labels, ctx)
         # Steps 1 and 2 are finite and checkpointed; step 3 is NaN.
         bad = built["optimizer"].iterations >= 2
         total = tf.where(bad, tf.constant(np.nan, tf.float32), total)
         return total, dict(metrics, total_loss=total)
 
     monkeypatch.setattr(experiment, "build_model_and_optimizer", capture)
-    monkeypatch.setattr(step_lib, "compute_losses", nan_from_step_3)
+    monkeypatch.setattr(
+        objective_lib.ContrastiveObjective, "__call__", nan_from_step_3
+    )
     config = _smoke_config(
         tmp_path,
         mode="train",

@@ -24,7 +24,7 @@ import tensorflow as tf
 from PIL import Image
 
 from simclr_tf import config as config_lib
-from simclr_tf import export
+from simclr_tf import export, run_info
 from simclr_tf.data import augment
 from simclr_tf.models import factory
 
@@ -59,6 +59,18 @@ def _png(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _run_info(num_classes):
+    """The run_info.json a run of `_config` on a labelled set writes."""
+    return run_info.RunInfo(
+        num_classes=num_classes,
+        class_names=None,
+        num_train_examples=8,
+        num_eval_examples=8,
+        dtype_policy="float32",
+        total_steps=STEP,
+    )
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -106,6 +118,7 @@ def run(tmp_path_factory):
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
     tf.train.CheckpointManager(checkpoint, model_dir, 1).save(STEP)
     config_lib.write_json(config, model_dir)
+    run_info.write(_run_info(CLASSES), model_dir)
     export_dir = str(root / "export")
     _run(
         [
@@ -510,11 +523,16 @@ def test_export_of_a_bfloat16_run_computes_in_float32(tmp_path):
     assert tf.float32 in dtypes and tf.bfloat16 not in dtypes
 
 
-def test_num_classes_in_checkpoint_without_supervised_head(tmp_path):
+def test_export_checkpoint_needs_run_info_and_reads_its_classes(tmp_path):
     config = _config(str(tmp_path), train_mode="pretrain")
     model = factory.build_model(config, None)
-    path = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
-    assert export.num_classes_in_checkpoint(path) is None
+    tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
+    config_lib.write_json(config, str(tmp_path))
+    with pytest.raises(export.ExportError, match="has no run_info.json"):
+        export.export_checkpoint(str(tmp_path))
+    # A pretraining run on unlabelled data: no classes, no head.
+    run_info.write(_run_info(None), str(tmp_path))
+    assert run_info.read(str(tmp_path)).num_classes is None
 
 
 def test_export_checkpoint_needs_a_run_directory(tmp_path):

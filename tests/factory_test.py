@@ -130,13 +130,30 @@ def test_finetune_without_labels_is_a_clear_error():
         factory.build_model(make_config(train_mode="finetune"), None)
 
 
-def test_zero_init_logits_only_when_finetuning():
-    fine = factory.build_model(
-        make_config(train_mode="finetune", zero_init_logits_layer=True), 10
+@pytest.mark.parametrize("train_mode", ["finetune", "pretrain"])
+def test_zero_init_logits_only_with_a_checkpoint(train_mode):
+    # Reference: the head is zeroed only when `--checkpoint` brings the
+    # weights; a fresh run gets RandomNormal(stddev=0.01).
+    extra = {"lineareval_while_pretraining": True}
+    restored = factory.build_model(
+        make_config(
+            train_mode=train_mode,
+            zero_init_logits_layer=True,
+            checkpoint="/pretrained/ckpt-10",
+            **extra,
+        ),
+        10,
     )
-    np.testing.assert_array_equal(fine.supervised_head.dense.kernel, 0.0)
-    pre = factory.build_model(make_config(zero_init_logits_layer=True), 10)
-    assert np.abs(pre.supervised_head.dense.kernel.numpy()).sum() > 0
+    np.testing.assert_array_equal(restored.supervised_head.dense.kernel, 0.0)
+    np.testing.assert_array_equal(restored.supervised_head.dense.bias, 0.0)
+    fresh = factory.build_model(
+        make_config(
+            train_mode=train_mode, zero_init_logits_layer=True, **extra
+        ),
+        10,
+    )
+    kernel = fresh.supervised_head.dense.kernel.numpy()
+    assert 0.005 < kernel.std() < 0.015  # RandomNormal(stddev=0.01).
 
 
 def test_fine_tune_after_block_only_when_finetuning():

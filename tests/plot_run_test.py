@@ -10,7 +10,7 @@ import tensorflow as tf
 from PIL import Image
 
 from simclr_tf import config as config_lib
-from simclr_tf import export
+from simclr_tf import export, run_info
 from simclr_tf.data import augment
 from simclr_tf.models import factory
 
@@ -83,6 +83,17 @@ def _run_dir(root: Path, digits: Path, seed: int) -> tuple[Path, object]:
     keras.utils.set_random_seed(seed)
     model = factory.build_model(config, None)
     config_lib.write_json(config, str(root))
+    run_info.write(
+        run_info.RunInfo(
+            num_classes=None,
+            class_names=None,
+            num_train_examples=6,
+            num_eval_examples=15,
+            dtype_policy="float32",
+            total_steps=1,
+        ),
+        str(root),
+    )
     tf.train.Checkpoint(model=model).save(str(root / "ckpt"))
     return root, model
 

@@ -114,6 +114,31 @@ def test_plot_curves_writes_a_png_with_content(tmp_path):
     assert (pixels < 128).mean() > 0.005
 
 
+def test_plot_curves_adds_health_panels_only_with_their_data(tmp_path):
+    # Run "a" logged the health monitors, run "b" did not: two more panels
+    # per row (6 inches each), left blank in "b"'s row.
+    _write_events(tmp_path / "a")
+    _write_events(tmp_path / "b")
+    writer = tf.summary.create_file_writer(str(tmp_path / "a"))
+    with writer.as_default():
+        for step in (10, 20, 30):
+            tf.summary.scalar("train/proj_std", 0.08, step)
+            tf.summary.scalar("train/rankme", 40.0 - step, step)
+    writer.close()
+    runs = {
+        label: plot_run.read_scalars(str(tmp_path / label))
+        for label in ("a", "b")
+    }
+    assert [tag for tag, _ in plot_run.health_panels(runs)] == [
+        "train/proj_std",
+        "train/rankme",
+    ]
+    assert plot_run.health_panels({"b": runs["b"]}) == []
+    path = plot_run.plot_curves(runs, str(tmp_path / "curves.png"))
+    with Image.open(path) as image:
+        assert image.size == (2400, 720)  # 2 rows x 4 panels
+
+
 def test_write_preview_grid_shape(tmp_path, digits_root):
     root, _ = digits_root
     config = config_lib.Config(

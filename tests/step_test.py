@@ -5,7 +5,7 @@ import numpy as np
 import tensorflow as tf
 
 from simclr_tf import config as config_lib
-from simclr_tf import schedules
+from simclr_tf import optim
 from simclr_tf.models import factory
 from simclr_tf.training import step as step_lib
 from tests.helpers import two_replica_strategy
@@ -35,9 +35,16 @@ def _one_step(strategy, config, weights, images, labels):
     with strategy.scope():
         model = factory.build_model(config, CLASSES)
         model.set_weights(weights)
-        optimizer = schedules.build_optimizer(config.optim, 0.5, model)
+        optimizer = optim.build_optimizer(
+            config.optim.optimizer,
+            0.5,
+            momentum=config.optim.momentum,
+            weight_decay=config.optim.weight_decay,
+            lars_exclusions=model.weight_groups.lars_exclusions,
+        )
         optimizer.build(model.trainable_variables)
-    replica_step = step_lib.make_replica_step(model, optimizer, config)
+    objective = factory.build_objective(config, model)
+    replica_step = step_lib.make_replica_step(model, optimizer, objective)
     n = strategy.num_replicas_in_sync
     per = GLOBAL_BATCH // n
 
@@ -79,8 +86,13 @@ def test_two_replicas_update_weights_like_one_on_the_global_batch():
     assert changed > len(init) // 2
 
 
+def _metric_names(config):
+    model = factory.build_model(config, CLASSES)
+    return factory.build_objective(config, model).metric_names
+
+
 def test_metric_names_follow_the_mode():
-    pre = step_lib.metric_names(_config(), has_supervised_head=True)
+    pre = _metric_names(_config())
     assert pre == [
         "contrast_loss",
         "contrast_acc",
@@ -90,12 +102,34 @@ def test_metric_names_follow_the_mode():
         "weight_decay",
         "total_loss",
     ]
-    ft = step_lib.metric_names(
-        _config(train_mode="finetune"), has_supervised_head=True
-    )
+    ft = _metric_names(_config(train_mode="finetune"))
     assert ft == [
         "supervised_loss",
         "supervised_acc",
         "weight_decay",
         "total_loss",
     ]
+
+
+def test_the_training_core_imports_no_config():
+    # The run config stops at the experiment: the step and the loop take
+    # a model, an optimizer, an objective and a plan (issue 13).
+    import ast
+    import pathlib
+
+    import simclr_tf.training.step
+    import simclr_tf.training.trainer
+
+    for module in (simclr_tf.training.step, simclr_tf.training.trainer):
+        tree = ast.parse(pathlib.Path(module.__file__).read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                imported.add(node.module)
+                imported |= {
+                    f"{node.module}.{alias.name}" for alias in node.names
+                }
+        assert "simclr_tf.config" not in imported, module.__name__
+        assert "simclr_tf.cli" not in imported, module.__name__

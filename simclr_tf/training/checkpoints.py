@@ -17,18 +17,7 @@ import tensorflow as tf
 from absl import logging
 
 from simclr_tf import config as config_lib
-
-# Fields that must agree between a run and the checkpoint it starts from.
-ARCHITECTURE_FIELDS = (
-    "resnet_depth",
-    "width_multiplier",
-    "resnet_base_width",
-    "sk_ratio",
-    "se_ratio",
-    "proj_head_mode",
-    "proj_out_dim",
-    "num_proj_layers",
-)
+from simclr_tf.models.factory import ARCHITECTURE_FIELDS
 
 
 class CheckpointError(config_lib.ConfigError):

@@ -1,10 +1,11 @@
 """The replica training step and the host loop that runs several of them.
 
-One replica step: forward, NT-Xent with cross-replica negatives (pretrain),
-supervised cross-entropy, weight decay, loss / num_replicas (gradients are
-summed across replicas by the optimizer), gradients, update. The loop runs
-`num_steps` replica steps inside one `tf.function` and returns the mean of
-each metric over them, averaged over replicas.
+One replica step: forward, the objective's total loss (NT-Xent with
+cross-replica negatives, supervised cross-entropy, weight decay; see
+`simclr_tf.objective`), loss / num_replicas (gradients are summed across
+replicas by the optimizer), gradients, update. The loop runs `num_steps`
+replica steps inside one `tf.function` and returns the mean of each metric
+over them, averaged over replicas.
 """
 
 from __future__ import annotations
@@ -14,103 +15,39 @@ from collections.abc import Callable
 import keras
 import tensorflow as tf
 
-from simclr_tf import losses, schedules
-from simclr_tf.config import Config
 from simclr_tf.training import grad_cache
-
-# TensorBoard names of the training metrics (SPEC.md §7), without "train/".
-CONTRASTIVE_METRICS = ("contrast_loss", "contrast_acc", "contrast_entropy")
-SUPERVISED_METRICS = ("supervised_loss", "supervised_acc")
-
-
-def metric_names(config: Config, has_supervised_head: bool) -> list[str]:
-    """The metrics a step returns, in a fixed order."""
-    names = []
-    if config.train.train_mode == "pretrain":
-        names += CONTRASTIVE_METRICS
-    if has_supervised_head:
-        names += SUPERVISED_METRICS
-    return names + ["weight_decay", "total_loss"]
-
-
-def compute_losses(
-    outputs: dict[str, tf.Tensor],
-    labels: tf.Tensor,
-    model: keras.Model,
-    config: Config,
-    replica_context: tf.distribute.ReplicaContext,
-) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
-    """The total loss of one replica and its parts (not yet / replicas).
-
-    Args:
-      outputs: the model's output dict for the local batch.
-      labels: (n, num_classes) one-hot labels of the local batch.
-      model: the SimCLR model (for the weight-decay term).
-      config: the run config.
-      replica_context: the replica context, for cross-replica negatives.
-
-    Returns:
-      (total loss, {metric name: scalar}).
-    """
-    metrics = {}
-    total = tf.constant(0.0)
-    sup_labels = labels
-    if config.train.train_mode == "pretrain":
-        loss, logits_ab, con_labels = losses.nt_xent_loss(
-            outputs["proj_head_output"],
-            temperature=config.loss.temperature,
-            hidden_norm=config.loss.hidden_norm,
-            replica_context=replica_context,
-        )
-        acc, entropy = losses.contrastive_metrics(logits_ab, con_labels)
-        metrics.update(
-            contrast_loss=loss, contrast_acc=acc, contrast_entropy=entropy
-        )
-        total += loss
-        # The linear head sees both views: (2n, classes) labels.
-        sup_labels = tf.concat([labels] * model.num_views, axis=0)
-    if "logits_sup" in outputs:
-        logits = outputs["logits_sup"]
-        sup_loss = losses.supervised_loss(sup_labels, logits)
-        correct = tf.equal(
-            tf.argmax(sup_labels, axis=1), tf.argmax(logits, axis=1)
-        )
-        metrics.update(
-            supervised_loss=sup_loss,
-            supervised_acc=tf.reduce_mean(tf.cast(correct, tf.float32)),
-        )
-        total += sup_loss
-    decay = schedules.weight_decay_loss(model, config.optim)
-    total += decay
-    metrics.update(weight_decay=decay, total_loss=total)
-    return total, metrics
 
 
 def make_replica_step(
     model: keras.Model,
     optimizer: keras.optimizers.Optimizer,
-    config: Config,
+    objective: Callable,
+    grad_cache_chunk_size: int = 0,
 ) -> Callable:
-    """Returns `step(images, labels) -> metrics` for `strategy.run`."""
+    """Returns `step(images, labels) -> metrics` for `strategy.run`.
+
+    Args:
+      model: the built model.
+      optimizer: its optimizer, built on `model.trainable_variables`.
+      objective: `objective(outputs, labels, replica_context) -> (total,
+        metrics)` with `output_keys` (see `simclr_tf.objective`).
+      grad_cache_chunk_size: 0, or the images per forward/backward chunk of
+        gradient caching (batch-norm statistics are then per chunk).
+    """
     variables = model.trainable_variables
-    chunk = config.train.grad_cache_chunk_size
+    chunk = grad_cache_chunk_size
     # The outputs the loss reads: the only ones grad caching keeps whole.
-    output_keys = (
-        ["proj_head_output"] if config.train.train_mode == "pretrain" else []
-    )
-    if model.supervised_head is not None:
-        output_keys.append("logits_sup")
+    output_keys = list(objective.output_keys)
 
     def step(images, labels):
         ctx = tf.distribute.get_replica_context()
         replicas = ctx.num_replicas_in_sync
 
         def loss_fn(outputs):
-            return compute_losses(outputs, labels, model, config, ctx)
+            return objective(outputs, labels, ctx)
 
         loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         if chunk:
-            # Batch-norm statistics are then per chunk of `chunk` images.
             (total, metrics), grads = grad_cache.grad_cache_gradients(
                 model,
                 images,

@@ -1,0 +1,184 @@
+"""The run's objective: which losses a step adds up, and their metrics.
+
+An objective is built once (`models.factory.build_objective`) from plain
+values and called inside the replica step:
+
+    total_loss, metrics = objective(outputs, labels, replica_context)
+
+`outputs` is the model's output dict, `labels` the (n, num_classes)
+one-hot labels of the local batch. The total is not yet divided by the
+number of replicas (the step does that). Every objective names the model
+outputs it reads (`output_keys`, the only ones gradient caching keeps
+whole) and the metrics it returns (`metric_names`, a fixed order; the
+TensorBoard names of SPEC.md §7 without "train/").
+
+Two objectives exist: `ContrastiveObjective` (pretraining: NT-Xent, plus
+the linear head's cross-entropy when the model has one) and
+`SupervisedObjective` (fine-tuning). A new objective (e.g. distillation
+from a teacher) is one more class here with the same three members,
+chosen in `build_objective`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import tensorflow as tf
+
+from simclr_tf import losses
+
+CONTRASTIVE_METRICS = ("contrast_loss", "contrast_acc", "contrast_entropy")
+SUPERVISED_METRICS = ("supervised_loss", "supervised_acc")
+TOTAL_METRICS = ("weight_decay", "total_loss")
+
+
+def weight_decay_loss(variables: Sequence, weight_decay: float) -> tf.Tensor:
+    """weight_decay * sum(||w||^2 / 2) over `variables`.
+
+    Args:
+      variables: the decayed variables (`optim.decayed_variables`).
+      weight_decay: the coefficient.
+
+    Returns:
+      Scalar float32 (0 when there is nothing to decay).
+    """
+    if not variables or not weight_decay:
+        return tf.constant(0.0)
+    total = tf.add_n([tf.nn.l2_loss(tf.cast(v, tf.float32)) for v in variables])
+    return weight_decay * total
+
+
+def _supervised_terms(
+    labels: tf.Tensor, logits: tf.Tensor
+) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+    """Cross-entropy of the linear head and its accuracy."""
+    loss = losses.supervised_loss(labels, logits)
+    correct = tf.equal(tf.argmax(labels, axis=1), tf.argmax(logits, axis=1))
+    return loss, {
+        "supervised_loss": loss,
+        "supervised_acc": tf.reduce_mean(tf.cast(correct, tf.float32)),
+    }
+
+
+class _DecayedObjective:
+    """Shared by the objectives: the supervised head and weight decay.
+
+    Args:
+      supervised: whether the model has a supervised head (`logits_sup`).
+      weight_decay: the coefficient of the loss's weight-decay term.
+      decayed_variables: the variables that term covers.
+    """
+
+    _own_keys: tuple[str, ...] = ()
+    _own_metrics: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        supervised: bool,
+        weight_decay: float,
+        decayed_variables: Sequence,
+    ):
+        self.supervised = bool(supervised)
+        self.weight_decay = weight_decay
+        self.decayed_variables = list(decayed_variables)
+
+    @property
+    def output_keys(self) -> list[str]:
+        """The model outputs the loss reads."""
+        return [*self._own_keys, *(["logits_sup"] if self.supervised else [])]
+
+    @property
+    def metric_names(self) -> list[str]:
+        """The metrics `__call__` returns, in a fixed order."""
+        sup = SUPERVISED_METRICS if self.supervised else ()
+        return [*self._own_metrics, *sup, *TOTAL_METRICS]
+
+    def _finish(self, total, metrics, outputs, sup_labels):
+        """Adds the supervised term and the weight decay to `total`."""
+        if self.supervised:
+            sup_loss, sup_metrics = _supervised_terms(
+                sup_labels, outputs["logits_sup"]
+            )
+            metrics.update(sup_metrics)
+            total += sup_loss
+        decay = weight_decay_loss(self.decayed_variables, self.weight_decay)
+        total += decay
+        metrics.update(weight_decay=decay, total_loss=total)
+        return total, metrics
+
+
+class ContrastiveObjective(_DecayedObjective):
+    """Pretraining: NT-Xent over the views, plus the linear head if any.
+
+    Args:
+      temperature: the NT-Xent temperature tau.
+      hidden_norm: L2-normalise the projections before the similarities.
+      num_views: views per example; the linear head sees every view, so
+        its labels are repeated `num_views` times.
+      supervised: the model has a supervised head (linear evaluation
+        while pretraining, behind a stop-gradient).
+      weight_decay: the coefficient of the loss's weight-decay term.
+      decayed_variables: the variables that term covers.
+    """
+
+    _own_keys = ("proj_head_output",)
+    _own_metrics = CONTRASTIVE_METRICS
+
+    def __init__(
+        self,
+        temperature: float,
+        hidden_norm: bool,
+        num_views: int,
+        supervised: bool,
+        weight_decay: float,
+        decayed_variables: Sequence,
+    ):
+        super().__init__(supervised, weight_decay, decayed_variables)
+        self.temperature = temperature
+        self.hidden_norm = hidden_norm
+        self.num_views = num_views
+
+    def __call__(
+        self,
+        outputs: dict[str, tf.Tensor],
+        labels: tf.Tensor,
+        replica_context: tf.distribute.ReplicaContext,
+    ) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+        """(total loss of one replica, {metric name: scalar})."""
+        loss, logits_ab, con_labels = losses.nt_xent_loss(
+            outputs["proj_head_output"],
+            temperature=self.temperature,
+            hidden_norm=self.hidden_norm,
+            replica_context=replica_context,
+        )
+        acc, entropy = losses.contrastive_metrics(logits_ab, con_labels)
+        metrics = dict(
+            contrast_loss=loss, contrast_acc=acc, contrast_entropy=entropy
+        )
+        total = tf.constant(0.0)
+        total += loss
+        # The linear head sees every view: (v * n, classes) labels.
+        sup_labels = tf.concat([labels] * self.num_views, axis=0)
+        return self._finish(total, metrics, outputs, sup_labels)
+
+
+class SupervisedObjective(_DecayedObjective):
+    """Fine-tuning: cross-entropy of the supervised head.
+
+    Args:
+      weight_decay: the coefficient of the loss's weight-decay term.
+      decayed_variables: the variables that term covers.
+    """
+
+    def __init__(self, weight_decay: float, decayed_variables: Sequence):
+        super().__init__(True, weight_decay, decayed_variables)
+
+    def __call__(
+        self,
+        outputs: dict[str, tf.Tensor],
+        labels: tf.Tensor,
+        replica_context: tf.distribute.ReplicaContext,
+    ) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+        """(total loss of one replica, {metric name: scalar})."""
+        del replica_context  # No cross-replica term.
+        return self._finish(tf.constant(0.0), {}, outputs, labels)
