@@ -8,11 +8,12 @@ Usage:
 All flags are defined in simclr_tf/cli.py (`python run.py --helpfull`).
 """
 
+import os
 import sys
 
 from absl import app, logging
 
-from simclr_tf import cli
+from simclr_tf import cli, devices
 from simclr_tf.config import ConfigError
 
 
@@ -38,6 +39,9 @@ def main(argv: list[str]) -> None:
             "for checkpoints, logs and results.\n"
         )
         sys.exit(2)
+    # Before TensorFlow is imported (its import under absl.app queries the
+    # devices): no false cuInit error on a CPU-only machine.
+    devices.initialize_devices()
     # Imported here so that flag errors and --helpfull need no TensorFlow.
     from simclr_tf import experiment
 
@@ -49,7 +53,11 @@ def main(argv: list[str]) -> None:
         sys.stderr.write(f"run.py: error: {e}\n")
         sys.exit(2)
     cli.write_flags_file(config.train.model_dir)
-    logging.info("Flags used:\n%s", cli.flags_file_text())
+    # The full flag list is in the file, not the console.
+    logging.info(
+        "Flags: %s (replay with --flagfile=).",
+        os.path.join(config.train.model_dir, "flags.cfg"),
+    )
     try:
         experiment.run(config)
     except ConfigError as e:

@@ -7,9 +7,11 @@ Usage:
       [--color_jitter_impl=v2] [--use_blur] [--min_crop_area=0.08] \
       [--use_flip] [--seed=0] [--data_dir=...]
 
-Each row shows one image of the split (padded to a square, not cropped),
-then `--num_views` independent pretraining views made exactly as training
-makes them (`simclr_tf.data.input_pipeline.preview_grid`). `--dataset` takes
+Each row shows one image of the split (the column labelled "original",
+padded to a square, not cropped), then `--num_views` independent
+pretraining views ("view 1", ...) made exactly as training makes them
+(`simclr_tf.data.input_pipeline.preview_images`), at 1.25 inches per
+tile; the title names the augmentations. `--dataset` takes
 the same values as run.py: a TFDS name (prepared in `--data_dir`) or
 `folder:/path`. Training logs the same kind of grid to TensorBoard
 (`train/augmented_views`) when it starts.
@@ -55,7 +57,10 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     # Imported here so that flag errors and --help need no TensorFlow.
-    import tensorflow as tf
+    from simclr_tf import devices
+
+    devices.initialize_devices()
+    import plot_run
 
     from simclr_tf import config
     from simclr_tf.data import input_pipeline
@@ -77,7 +82,7 @@ def main(argv: list[str]) -> None:
     )
     try:
         config.validate(config.Config(data=data))
-        grid = input_pipeline.preview_grid(
+        originals, views = input_pipeline.preview_images(
             data,
             split=_SPLIT.value,
             num_images=_NUM_IMAGES.value,
@@ -86,11 +91,15 @@ def main(argv: list[str]) -> None:
     except config.ConfigError as e:
         sys.stderr.write(f"preview_augmentations.py: error: {e}\n")
         sys.exit(2)
-    pixels = tf.image.convert_image_dtype(grid[0], tf.uint8, saturate=True)
-    tf.io.write_file(_OUTPUT.value, tf.io.encode_png(pixels))
+    plot_run.plot_augmentations(
+        originals.numpy(),
+        views.numpy(),
+        _OUTPUT.value,
+        plot_run.augmentation_title(data),
+    )
     print(
-        f"Wrote {_OUTPUT.value}: {grid.shape[1]}x{grid.shape[2]} px, "
-        f"{_NUM_IMAGES.value} images x (original + {_NUM_VIEWS.value} views)."
+        f"Wrote {_OUTPUT.value}: {len(originals)} images x (original + "
+        f"{_NUM_VIEWS.value} views), labelled."
     )
 
 

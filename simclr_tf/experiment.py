@@ -7,6 +7,7 @@ and train plan are built here from it, and the training core
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import keras
@@ -172,9 +173,14 @@ def _preview_images(config: config_lib.Config, pretrain: bool) -> tf.Tensor:
 
     A small pipeline of its own: a second iterator over the training
     dataset would advance its seeded reshuffling and change the stream.
+    It does not cache: it reads only a shuffle buffer's worth, and a
+    partly read cache is discarded with a warning.
     """
     dataset = input_pipeline.build_dataset(
-        config.data, batch_size=8, is_training=True, pretrain=pretrain
+        dataclasses.replace(config.data, cache_dataset=False),
+        batch_size=8,
+        is_training=True,
+        pretrain=pretrain,
     )
     images, _ = next(iter(dataset))
     return images

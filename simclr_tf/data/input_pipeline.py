@@ -489,31 +489,33 @@ def build_distributed_dataset(
 PREVIEW_POOL = 2048
 
 
-def preview_grid(
+def preview_images(
     data: config_lib.DataConfig,
     *,
     split: str | None = None,
     num_images: int = 8,
     num_views: int = 4,
-) -> tf.Tensor:
+) -> tuple[tf.Tensor, tf.Tensor]:
     """Originals and pretraining views of images sampled from a split.
 
     The images are drawn (with a fixed seed) from the first
     `PREVIEW_POOL` records of the split, before decoding, so that a folder
-    sorted by class shows several classes.
-
-    Row i: image i padded to a square (no crop), then `num_views`
-    independent training views, with the pretraining augmentation of
-    `data`.
+    sorted by class shows several classes. Each original is padded to a
+    square (no crop); its `num_views` views are independent training views
+    with the pretraining augmentation of `data`.
 
     Args:
       data: the data config (source, image_size, augmentation options).
       split: split name; defaults to `data.train_split`.
-      num_images: rows of the grid.
+      num_images: images drawn.
       num_views: augmented views per image.
 
     Returns:
-      (1, H, W, 3) float32 in [0, 1] (see `augment.augmentation_grid`).
+      originals (n, S, S, 3) and views (n, S, S, 3 * num_views), float32
+      in [0, 1], S = `data.image_size`.
+
+    Raises:
+      DatasetError: the split has no images.
     """
     size = data.image_size
     kwargs = train_view_kwargs(data, pretrain=True)
@@ -542,6 +544,30 @@ def preview_grid(
             f"Split {split or data.train_split!r} of {data.dataset!r} has no "
             "images to preview."
         )
-    return augmentation_grid(
-        tf.stack(views), tf.clip_by_value(tf.stack(originals), 0.0, 1.0)
+    return tf.clip_by_value(tf.stack(originals), 0.0, 1.0), tf.stack(views)
+
+
+def preview_grid(
+    data: config_lib.DataConfig,
+    *,
+    split: str | None = None,
+    num_images: int = 8,
+    num_views: int = 4,
+) -> tf.Tensor:
+    """`preview_images` tiled into one image (TensorBoard, raw PNG).
+
+    Row i: image i padded to a square, then its `num_views` views.
+
+    Args:
+      data: the data config (source, image_size, augmentation options).
+      split: split name; defaults to `data.train_split`.
+      num_images: rows of the grid.
+      num_views: augmented views per image.
+
+    Returns:
+      (1, H, W, 3) float32 in [0, 1] (see `augment.augmentation_grid`).
+    """
+    originals, views = preview_images(
+        data, split=split, num_images=num_images, num_views=num_views
     )
+    return augmentation_grid(views, originals)
