@@ -9,11 +9,12 @@ Every flag is a field of simclr_tf/config.py, defined as a flag by
 simclr_tf/cli.py (`python run.py --helpfull`).
 """
 
+import os
 import sys
 
 from absl import app, logging
 
-from simclr_tf import cli
+from simclr_tf import cli, devices
 from simclr_tf.config import ConfigError
 
 
@@ -40,11 +41,25 @@ def main(argv: list[str]) -> None:
             "for checkpoints, logs and results.\n"
         )
         sys.exit(2)
-    cli.write_flags_file(config.train.model_dir, config)
+    # Before TensorFlow is imported (its import under absl.app queries the
+    # devices): no false cuInit error on a CPU-only machine.
+    devices.initialize_devices()
     # Imported here so that flag errors and --helpfull need no TensorFlow.
     from simclr_tf import experiment
 
-    logging.info("Flags used:\n%s", cli.flags_file_text(config))
+    try:
+        # A --checkpoint that cannot initialise the run fails before any
+        # file is written to model_dir.
+        experiment.check_initial_checkpoint(config)
+    except ConfigError as e:
+        sys.stderr.write(f"run.py: error: {e}\n")
+        sys.exit(2)
+    cli.write_flags_file(config.train.model_dir, config)
+    # The full flag list is in the file, not the console.
+    logging.info(
+        "Flags: %s (replay with --flagfile=).",
+        os.path.join(config.train.model_dir, "flags.cfg"),
+    )
     try:
         experiment.run(config)
     except ConfigError as e:

@@ -8,13 +8,15 @@ Usage:
       --min_crop_area=0.08, --use_flip, --holdout_fraction, --seed, \
       --data_dir, ... or --flagfile=flags/<recipe>.cfg]
 
-Each row shows one image of the split (padded to a square, not cropped),
-then `--num_views` independent pretraining views made exactly as training
-makes them (`simclr_tf.data.input_pipeline.preview_grid`). The data and
-augmentation flags are run.py's own (`simclr_tf/cli.py`), so a recipe
-previews with `--flagfile`; `--dataset` takes the same values: a TFDS name
-(prepared in `--data_dir`) or `folder:/path`. Training logs the same kind
-of grid to TensorBoard (`train/augmented_views`) when it starts.
+Each row shows one image of the split (the column labelled "original",
+padded to a square, not cropped), then `--num_views` independent
+pretraining views ("view 1", ...) made exactly as training makes them
+(`simclr_tf.data.input_pipeline.preview_images`), at 1.25 inches per
+tile; the title names the augmentations. The data and augmentation flags
+are run.py's own (`simclr_tf/cli.py`), so a recipe previews with
+`--flagfile`; `--dataset` takes the same values: a TFDS name (prepared in
+`--data_dir`) or `folder:/path`. Training logs the same kind of grid to
+TensorBoard (`train/augmented_views`) when it starts.
 """
 
 import dataclasses
@@ -47,7 +49,10 @@ def main(argv: list[str]) -> None:
     if not cli.FLAGS["dataset"].present:
         raise app.UsageError("Give --dataset (a TFDS name or folder:/path).")
     # Imported here so that flag errors and --help need no TensorFlow.
-    import tensorflow as tf
+    from simclr_tf import devices
+
+    devices.initialize_devices()
+    import plot_run
 
     from simclr_tf.data import input_pipeline, sources
 
@@ -56,7 +61,7 @@ def main(argv: list[str]) -> None:
         if _SPLIT.value != data.train_split:
             # A folder holds out --holdout_fraction as the eval split.
             data = dataclasses.replace(data, eval_split=_SPLIT.value)
-        grid = input_pipeline.preview_grid(
+        originals, views = input_pipeline.preview_images(
             sources.open_source(data),
             data,
             split=_SPLIT.value,
@@ -66,11 +71,15 @@ def main(argv: list[str]) -> None:
     except ConfigError as e:
         sys.stderr.write(f"preview_augmentations.py: error: {e}\n")
         sys.exit(2)
-    pixels = tf.image.convert_image_dtype(grid[0], tf.uint8, saturate=True)
-    tf.io.write_file(_OUTPUT.value, tf.io.encode_png(pixels))
+    plot_run.plot_augmentations(
+        originals.numpy(),
+        views.numpy(),
+        _OUTPUT.value,
+        plot_run.augmentation_title(data),
+    )
     print(
-        f"Wrote {_OUTPUT.value}: {grid.shape[1]}x{grid.shape[2]} px, "
-        f"{_NUM_IMAGES.value} images x (original + {_NUM_VIEWS.value} views)."
+        f"Wrote {_OUTPUT.value}: {len(originals)} images x (original + "
+        f"{_NUM_VIEWS.value} views), labelled."
     )
 
 

@@ -24,7 +24,9 @@ Steps, all through the code path a user's image folder takes
    baseline.
 5. Prints the report (accuracies side by side, runtime, where the
    checkpoint, TensorBoard logs and SavedModel are) and writes PNG plots
-   with `scripts/plot_run.py` into `<workdir>/plots/`.
+   with `scripts/plot_run.py` into `<workdir>/plots/`: curves.png,
+   augmentations.png and embedding.png (t-SNE maps of the test images'
+   features under the SimCLR and the random encoder).
 
 Flags given on the command line apply to every stage; the linear-eval
 stages then override the fields in `LINEAR_EVAL` (see flags/quickstart.cfg
@@ -277,6 +279,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     import plot_run
 
+    from simclr_tf import devices
+
+    devices.initialize_devices()  # Before TensorFlow prints anything.
     start = time.perf_counter()
     workdir = os.path.abspath(_WORKDIR.value)
     digits = os.path.join(workdir, "digits")
@@ -299,14 +304,25 @@ def main(argv: list[str]) -> None:
         sys.stderr.write(f"quickstart.py: error: {e}\n")
         sys.exit(2)
     pre_dir = configs["pretrain"].train.model_dir
+    random_dir = configs["random_linear_eval"].train.model_dir
     plots = plot_run.plot_runs(
         {
             "pretrain": pre_dir,
             "linear_eval": os.path.join(workdir, "linear_eval"),
-            "random_linear_eval": os.path.join(workdir, "random_linear_eval"),
+            "random_linear_eval": random_dir,
         },
         os.path.join(workdir, "plots"),
         preview_model_dir=pre_dir,
+    )
+    # The encoders of the report's two rows, side by side (their exports).
+    plots.append(
+        plot_run.write_embedding(
+            {
+                "SimCLR encoder (pretrain)": pre_dir,
+                "random encoder (random_linear_eval)": random_dir,
+            },
+            os.path.join(workdir, "plots", "embedding.png"),
+        )
     )
     seconds = time.perf_counter() - start
     print(format_report(workdir, pretrain, simclr, random, seconds))

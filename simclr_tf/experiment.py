@@ -8,6 +8,7 @@ and train plan are built here from it, and the training core
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import keras
@@ -116,6 +117,26 @@ def build_model_and_optimizer(
     return model, optimizer
 
 
+def check_initial_checkpoint(config: config_lib.Config) -> None:
+    """Fails before anything is written to model_dir when `--checkpoint`
+    cannot initialise this run (it is not used when model_dir already
+    holds a checkpoint to resume from).
+
+    It opens the data source for its class count (a second opening, before
+    `run` opens it; only when there is a checkpoint to check).
+
+    Raises:
+      CheckpointError: see `checkpoints.check_initial_checkpoint`.
+    """
+    model_dir = config.train.model_dir
+    if not config.train.checkpoint or (
+        model_dir and tf.train.latest_checkpoint(model_dir)
+    ):
+        return
+    info = sources.open_source(config.data).info
+    checkpoints.check_initial_checkpoint(config, info.num_classes)
+
+
 def _evaluate_and_record(config, strategy, model, source, step, writer):
     results = evaluation.evaluate(config, strategy, model, source, step)
     if writer is not None:
@@ -161,10 +182,12 @@ def _preview_images(
 
     A small pipeline of its own: a second iterator over the training
     dataset would advance its seeded reshuffling and change the stream.
+    It does not cache: it reads only a shuffle buffer's worth, and a
+    partly read cache is discarded with a warning.
     """
     dataset = input_pipeline.build_dataset(
         source,
-        config.data,
+        dataclasses.replace(config.data, cache_dataset=False),
         batch_size=8,
         is_training=True,
         pretrain=pretrain,

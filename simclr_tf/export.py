@@ -31,12 +31,14 @@ import json
 import os
 import re
 import tempfile
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import keras
 import tensorflow as tf
 from absl import logging
+from tensorflow.python.saved_model import save_context
 
 import simclr_tf
 from simclr_tf import config as config_lib
@@ -203,8 +205,16 @@ def _preprocess_float_images(images: tf.Tensor, image_size: int):
     )
 
 
-def _hub_call(model: keras.Model) -> tf.types.experimental.GenericFunction:
-    """`obj(images, training=False)` of the Reusable SavedModel API."""
+def _hub_call(
+    model: keras.Model, options: tf.saved_model.SaveOptions
+) -> tf.types.experimental.GenericFunction:
+    """`obj(images, training=False)` of the Reusable SavedModel API.
+
+    Its four variants are traced in the context `tf.saved_model.save`
+    creates with `options`: `save` retraces a function that captures
+    variables when its traces come from outside that context, which made
+    every export trace the whole model four extra times.
+    """
 
     @tf.function
     def call(images, training=False, trainable=None):
@@ -213,13 +223,14 @@ def _hub_call(model: keras.Model) -> tf.types.experimental.GenericFunction:
         return _float32_endpoints(model(images, training=mode))
 
     spec = tf.TensorSpec((None, None, None, 3), tf.float32, name=IMAGES_INPUT)
-    for kwargs in (
-        {"training": False},
-        {"training": True},
-        {"trainable": False},
-        {"trainable": True},
-    ):
-        call.get_concrete_function(spec, **kwargs)
+    with save_context.save_context(options):
+        for kwargs in (
+            {"training": False},
+            {"training": True},
+            {"trainable": False},
+            {"trainable": True},
+        ):
+            call.get_concrete_function(spec, **kwargs)
     return call
 
 
@@ -320,14 +331,21 @@ def export_saved_model(
             f"Received: export_dir={export_dir!r}, which already exists. "
             "Remove it or choose a new directory."
         )
+    start = time.perf_counter()
     shapes = _check_model(model, image_size)
     num_classes = shapes["logits_sup"][-1] if "logits_sup" in shapes else None
+    options = tf.saved_model.SaveOptions()
     root = tf.__internal__.tracking.AutoTrackable()
-    root.__call__ = _hub_call(model)
+    root.__call__ = _hub_call(model, options)
     root.variables, root.trainable_variables = _tf_variables(model)
     # Weight decay is part of the training loss, not of the model.
     root.regularization_losses = []
     signatures = _signatures(model, image_size)
+    logging.info(
+        "Export: traced the hub callable and %d signatures in %.1f s.",
+        len(signatures),
+        time.perf_counter() - start,
+    )
     info = dict(metadata)
     info.update(
         image_size=image_size,
@@ -350,7 +368,13 @@ def export_saved_model(
             json.dump(info, f, indent=2, sort_keys=True)
             f.write("\n")
         root.metadata_file = tf.saved_model.Asset(path)
-        tf.saved_model.save(root, export_dir, signatures=signatures)
+        start = time.perf_counter()
+        tf.saved_model.save(
+            root, export_dir, signatures=signatures, options=options
+        )
+    logging.info(
+        "Export: wrote %s in %.1f s.", export_dir, time.perf_counter() - start
+    )
     return export_dir
 
 
@@ -435,14 +459,27 @@ def export_run(
     if tf.io.gfile.exists(export_dir):
         tf.io.gfile.rmtree(export_dir)
     metadata = run_metadata(config, step, getattr(info, "class_names", None))
+    logging.info("Exporting step %d as a SavedModel.", step)
+    start = time.perf_counter()
+    copy = float32_copy(config, model, info.num_classes)
+    if copy is not model:
+        logging.info(
+            "Export: float32 copy of the %s model in %.1f s.",
+            model.compute_dtype,
+            time.perf_counter() - start,
+        )
     export_saved_model(
-        float32_copy(config, model, info.num_classes),
+        copy,
         export_dir,
         image_size=config.data.image_size,
         metadata=metadata,
     )
     _prune_exports(base_dir, config.train.keep_hub_module_max)
-    logging.info("Exported SavedModel to %s.", export_dir)
+    logging.info(
+        "Exported SavedModel to %s in %.1f s.",
+        export_dir,
+        time.perf_counter() - start,
+    )
     return export_dir
 
 

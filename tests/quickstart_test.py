@@ -108,7 +108,7 @@ def test_plot_curves_writes_a_png_with_content(tmp_path):
     )
     with Image.open(path) as image:
         assert image.format == "PNG"
-        assert image.size == (1500, 420)  # figsize (15, 4.2) at 100 dpi
+        assert image.size == (1200, 360)  # One run: figsize (12, 3.6), 100 dpi
         pixels = np.asarray(image.convert("L"))
     # Curves and axes: far from a blank (white) canvas.
     assert (pixels < 128).mean() > 0.005
@@ -116,7 +116,7 @@ def test_plot_curves_writes_a_png_with_content(tmp_path):
 
 def test_plot_curves_adds_health_panels_only_with_their_data(tmp_path):
     # Run "a" logged the health monitors, run "b" did not: two more panels
-    # (5 inches each), and "b" simply has no curve there.
+    # per row (6 inches each), left blank in "b"'s row.
     _write_events(tmp_path / "a")
     _write_events(tmp_path / "b")
     writer = tf.summary.create_file_writer(str(tmp_path / "a"))
@@ -136,7 +136,7 @@ def test_plot_curves_adds_health_panels_only_with_their_data(tmp_path):
     assert plot_run.health_panels({"b": runs["b"]}) == []
     path = plot_run.plot_curves(runs, str(tmp_path / "curves.png"))
     with Image.open(path) as image:
-        assert image.size == (2500, 420)
+        assert image.size == (2400, 720)  # 2 rows x 4 panels
 
 
 def test_write_preview_grid_shape(tmp_path, digits_root):
@@ -155,9 +155,12 @@ def test_write_preview_grid_shape(tmp_path, digits_root):
     config_lib.write_json(config, str(run))
     path = plot_run.write_preview(str(run), str(tmp_path / "a.png"), 3)
     with Image.open(path) as image:
-        # 3 rows x (original + 4 views) of 16 + 2 x 2 padding pixels,
-        # upscaled 3x (ceil(48 / 16)).
-        assert image.size == (5 * 20 * 3, 3 * 20 * 3)
+        # 3 rows x (original + 4 views) of 1.25-inch tiles plus margins
+        # and title, at 100 dpi.
+        assert image.size == (
+            round(100 * (1.25 * 5 + 0.4)),
+            1.25 * 3 * 100 + 90,
+        )
 
 
 @pytest.mark.parametrize("base_width", [16, 64])

@@ -250,33 +250,32 @@ def build_distributed_dataset(
     return strategy.distribute_datasets_from_function(dataset_fn)
 
 
-def preview_grid(
+def preview_images(
     source: Source,
     data: config_lib.DataConfig,
     *,
     split: str | None = None,
     num_images: int = 8,
     num_views: int = 4,
-) -> tf.Tensor:
+) -> tuple[tf.Tensor, tf.Tensor]:
     """Originals and pretraining views of images sampled from a split.
 
     The images are drawn (with a fixed seed) from the first
     `PREVIEW_POOL` records of the split, before decoding, so that a folder
-    sorted by class shows several classes.
-
-    Row i: image i padded to a square (no crop), then `num_views`
-    independent training views, with the pretraining augmentation of
-    `data`.
+    sorted by class shows several classes. Each original is padded to a
+    square (no crop); its `num_views` views are independent training views
+    with the pretraining augmentation of `data`.
 
     Args:
       source: the opened data source.
       data: the data config (image_size, augmentation options, seed).
       split: split name; defaults to `data.train_split`.
-      num_images: rows of the grid.
+      num_images: images drawn.
       num_views: augmented views per image.
 
     Returns:
-      (1, H, W, 3) float32 in [0, 1] (see `augment.augmentation_grid`).
+      originals (n, S, S, 3) and views (n, S, S, 3 * num_views), float32
+      in [0, 1], S = `data.image_size`.
 
     Raises:
       DatasetError: the split cannot be read or has no images.
@@ -305,6 +304,32 @@ def preview_grid(
         raise DatasetError(
             f"Split {split!r} of {source.name!r} has no images to preview."
         )
-    return augment.augmentation_grid(
-        tf.stack(views), tf.clip_by_value(tf.stack(originals), 0.0, 1.0)
+    return tf.clip_by_value(tf.stack(originals), 0.0, 1.0), tf.stack(views)
+
+
+def preview_grid(
+    source: Source,
+    data: config_lib.DataConfig,
+    *,
+    split: str | None = None,
+    num_images: int = 8,
+    num_views: int = 4,
+) -> tf.Tensor:
+    """`preview_images` tiled into one image (TensorBoard, raw PNG).
+
+    Row i: image i padded to a square, then its `num_views` views.
+
+    Args:
+      source: the opened data source.
+      data: the data config (image_size, augmentation options, seed).
+      split: split name; defaults to `data.train_split`.
+      num_images: rows of the grid.
+      num_views: augmented views per image.
+
+    Returns:
+      (1, H, W, 3) float32 in [0, 1] (see `augment.augmentation_grid`).
+    """
+    originals, views = preview_images(
+        source, data, split=split, num_images=num_images, num_views=num_views
     )
+    return augment.augmentation_grid(views, originals)

@@ -44,8 +44,9 @@ class BatchNorm(keras.layers.BatchNormalization):
     update the moving statistics exactly as the Keras layer does.
     Everything else (inference, synchronised statistics over several
     replicas, masks, renorm, other ranks) is the Keras layer's own path,
-    and so is everything when `fused_training` is False
-    (`set_fused_training`, for comparisons).
+    except that synchronised statistics over a single replica are
+    computed locally (`_moments`), and so is everything when
+    `fused_training` is False (`set_fused_training`, for comparisons).
 
     Moving statistics on several replicas without synchronisation: Keras 3
     variables are not aggregated, so each replica would update its own
@@ -61,6 +62,13 @@ class BatchNorm(keras.layers.BatchNormalization):
     # Whether training may take the fused path (read when a step is traced).
     fused_training = True
 
+    def _local_statistics(self) -> bool:
+        """True when the batch statistics are the local batch's."""
+        if not self.synchronized:
+            return True
+        context = tf.distribute.get_replica_context()
+        return context is None or context.num_replicas_in_sync == 1
+
     def _fused_training(self, inputs, training, mask) -> bool:
         if not self.fused_training:
             return False
@@ -70,10 +78,19 @@ class BatchNorm(keras.layers.BatchNormalization):
             return False
         if self.axis not in (-1, 3) or inputs.shape[-1] is None:
             return False
-        if not self.synchronized:
-            return True
-        context = tf.distribute.get_replica_context()
-        return context is None or context.num_replicas_in_sync == 1
+        return self._local_statistics()
+
+    def _moments(self, inputs, mask):
+        # Keras's synchronised moments all-reduce even over one replica,
+        # through a `tf.custom_gradient` whose gradient function holds
+        # another one: a SavedModel cannot save that nested gradient, and
+        # every load then warns that gradients "will likely fail" (they
+        # do not). Local statistics need no all-reduce at all.
+        if mask is None and self.synchronized and self._local_statistics():
+            return keras.ops.moments(
+                inputs, axes=self._reduction_axes, synchronized=False
+            )
+        return super()._moments(inputs, mask)
 
     def _replicas_to_average(self, training) -> bool:
         """True if the moving statistics need averaging over replicas."""

@@ -4,6 +4,8 @@ Restore precedence (SPEC.md §7): the latest checkpoint in `model_dir`
 (model, optimizer and step: a resumed run continues to the same total
 steps); otherwise `--checkpoint` (weights only, the optimizer starts fresh;
 with `zero_init_logits_layer` the supervised head is not restored).
+`--checkpoint` may also be a checkpoint or SavedModel of the reference TF2
+code (`simclr_tf.interop`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import tensorflow as tf
 from absl import logging
 
 from simclr_tf import config as config_lib
+from simclr_tf import interop
 from simclr_tf.models.factory import ARCHITECTURE_FIELDS
 
 
@@ -94,6 +97,36 @@ def _restore_parts(parts: dict, path: str) -> None:
         ) from e
 
 
+def _detect(path: str) -> interop.Source:
+    try:
+        return interop.detect(path)
+    except interop.SourceError as e:
+        raise CheckpointError(str(e)) from e
+
+
+def check_initial_checkpoint(
+    config: config_lib.Config, num_classes: int | None
+) -> None:
+    """Checks `--checkpoint` against the run before anything is written.
+
+    Args:
+      config: the run config.
+      num_classes: classes of the run's dataset (None: no labels).
+
+    Raises:
+      CheckpointError: a missing, unreadable or incompatible checkpoint,
+        naming each mismatch.
+    """
+    source = _detect(config.train.checkpoint)
+    if source.kind == interop.OURS:
+        check_compatible(config, source.prefix)
+        return
+    try:
+        interop.check_config(config, source, num_classes)
+    except interop.SourceError as e:
+        raise CheckpointError(str(e)) from e
+
+
 def restore_initial_weights(
     model: keras.Model, config: config_lib.Config
 ) -> None:
@@ -102,7 +135,18 @@ def restore_initial_weights(
     Raises:
       CheckpointError: a missing or incompatible checkpoint.
     """
-    path = resolve_checkpoint_path(config.train.checkpoint)
+    source = _detect(config.train.checkpoint)
+    if source.kind != interop.OURS:
+        head = model.supervised_head
+        try:
+            num_classes = head.num_classes if head is not None else None
+            # `restore` reads every tensor before assigning any.
+            interop.check_config(config, source, num_classes, False)
+            interop.restore(model, config, source)
+        except interop.SourceError as e:
+            raise CheckpointError(str(e)) from e
+        return
+    path = source.prefix
     check_compatible(config, path)
     parts = {"encoder": model.encoder, "projection_head": model.projection_head}
     _restore_parts(parts, path)
