@@ -137,10 +137,24 @@ def check_initial_checkpoint(config: config_lib.Config) -> None:
     checkpoints.check_initial_checkpoint(config, info.num_classes)
 
 
+def _export(config, model, info, step, chief) -> None:
+    """The SavedModel of `step` (`export.export_run`), on the chief.
+
+    Written, as in the reference, after each evaluation (in mode=eval one
+    per evaluated checkpoint) and, here also, at the end of training;
+    `--keep_hub_module_max=-1` turns it off.
+    """
+    if chief and config.train.keep_hub_module_max >= 0:
+        export.export_run(config, model, info, step)
+
+
 def _evaluate_and_record(config, strategy, model, source, step, writer):
+    """Evaluates, then (on the chief: `writer` given) writes the results
+    and exports the evaluated model."""
     results = evaluation.evaluate(config, strategy, model, source, step)
     if writer is not None:
         evaluation.write_results(config, results, writer)
+        _export(config, model, source.info, step, chief=True)
     return results
 
 
@@ -295,10 +309,9 @@ def run(config: config_lib.Config) -> dict[str, float] | None:
     step = train(
         config, strategy, model, optimizer, source, chief=chief, writer=writer
     )
-    if chief and config.train.keep_hub_module_max:
-        export.export_run(config, model, info, step)
-    if mode == "train_then_eval":
+    if mode == "train_then_eval":  # Exports after the evaluation.
         return _evaluate_and_record(
             config, strategy, model, source, step, writer
         )
+    _export(config, model, info, step, chief)
     return None

@@ -98,7 +98,7 @@ def test_resume_continues_to_the_same_total(tmp_path, monkeypatch):
             checkpoint_steps=2,
             seed=3,
             mode="train",
-            keep_hub_module_max=0,
+            keep_hub_module_max=-1,
         )
 
     _run(config("straight"))
@@ -138,7 +138,7 @@ def test_resume_continues_to_the_same_total(tmp_path, monkeypatch):
 
 def test_linear_eval_leaves_encoder_bit_identical(tmp_path):
     pre = _smoke_config(
-        tmp_path / "pre", mode="train", train_steps=1, keep_hub_module_max=0
+        tmp_path / "pre", mode="train", train_steps=1, keep_hub_module_max=-1
     )
     _run(pre)
     lin = _smoke_config(
@@ -153,7 +153,7 @@ def test_linear_eval_leaves_encoder_bit_identical(tmp_path):
         optimizer="momentum",
         learning_rate=0.1,
         weight_decay=0.0,
-        keep_hub_module_max=0,
+        keep_hub_module_max=-1,
     )
     with tfds.testing.mock_data(num_examples=48):
         strategy = tf.distribute.OneDeviceStrategy("/CPU:0")
@@ -199,7 +199,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
         mode="train",
         train_steps=5,
         checkpoint_steps=1,
-        keep_hub_module_max=0,
+        keep_hub_module_max=-1,
     )
     with pytest.raises(trainer.NonFiniteLossError, match="step 3"):
         _run(config)
@@ -217,7 +217,10 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 def test_incompatible_checkpoint_names_the_mismatch(tmp_path):
     _run(
         _smoke_config(
-            tmp_path / "r18", mode="train", train_steps=1, keep_hub_module_max=0
+            tmp_path / "r18",
+            mode="train",
+            train_steps=1,
+            keep_hub_module_max=-1,
         )
     )
     config = _smoke_config(
@@ -231,7 +234,7 @@ def test_incompatible_checkpoint_names_the_mismatch(tmp_path):
 
 
 def test_finished_model_dir_says_so_and_evaluates(tmp_path, caplog):
-    config = _smoke_config(tmp_path, train_steps=1, keep_hub_module_max=0)
+    config = _smoke_config(tmp_path, train_steps=1, keep_hub_module_max=-1)
     _run(config)
     with caplog.at_level("INFO", logger="absl"):
         results = _run(config)
@@ -289,7 +292,7 @@ def test_multi_worker_smoke_on_loopback(tmp_path):
                 _mock_run_cmd(
                     f"--model_dir={tmp_path}",
                     "--mode=train",
-                    "--keep_hub_module_max=0",
+                    "--keep_hub_module_max=-1",
                 ),
                 env=env,
                 stderr=subprocess.PIPE,
@@ -307,8 +310,16 @@ def test_multi_worker_smoke_on_loopback(tmp_path):
 def test_eval_mode_evaluates_the_latest_checkpoint_and_stops(tmp_path):
     # Like the reference: evaluate each new checkpoint, starting from the
     # latest, and stop once the last training step has been evaluated.
-    _run(_smoke_config(tmp_path, mode="train", keep_hub_module_max=0))
-    assert _run(_smoke_config(tmp_path, mode="eval")) is None
+    _run(_smoke_config(tmp_path, mode="train", keep_hub_module_max=-1))
+    assert not (tmp_path / "saved_model").exists()  # -1: no export.
+    # An earlier export, which keep_hub_module_max=0 (keep all) keeps.
+    (tmp_path / "saved_model" / "1").mkdir(parents=True)
+    eval_config = _smoke_config(tmp_path, mode="eval", keep_hub_module_max=0)
+    assert _run(eval_config) is None
+    # One export per evaluated checkpoint, named by its step.
+    exports = sorted(p.name for p in (tmp_path / "saved_model").iterdir())
+    assert exports == ["1", "2"]
+    assert (tmp_path / "saved_model" / "2" / "saved_model.pb").exists()
     record = json.loads((tmp_path / "result_2.json").read_text())
     assert record["global_step"] == 2
     assert 0.0 <= record["eval/label_top_1_accuracy"] <= 1.0
