@@ -4,6 +4,7 @@ invariant, NaN stop, preemption, checkpoint errors, multi-worker."""
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from simclr_tf import cli, experiment
+from simclr_tf import cli, experiment, health
 from simclr_tf import config as config_lib
 from simclr_tf import objective as objective_lib
 from simclr_tf.data import sources
@@ -204,6 +205,51 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(trainer.NonFiniteLossError, match="step 3"):
         _run(config)
     assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-2")
+
+
+def _event_scalars(model_dir):
+    """{tag: {step: value}} of the TF2 scalar summaries in model_dir."""
+    scalars = {}
+    for path in sorted(pathlib.Path(model_dir).glob("events.out.tfevents.*")):
+        for record in tf.data.TFRecordDataset(str(path)):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                array = tf.make_ndarray(value.tensor)
+                if array.ndim == 0:
+                    scalars.setdefault(value.tag, {})[event.step] = float(array)
+    return scalars
+
+
+def test_pretraining_logs_health_monitors_and_warns_on_collapse(
+    tmp_path, monkeypatch, caplog
+):
+    # Every possible projection std is <= 1/sqrt(d) (Jensen), so a
+    # threshold of 2/sqrt(d) calls every log collapsed: the warning must
+    # come at the 5th consecutive log (COLLAPSE_PATIENCE).
+    monkeypatch.setattr(health, "PROJ_STD_COLLAPSE_FRACTION", 2.0)
+    config = _smoke_config(
+        tmp_path,
+        mode="train",
+        train_steps=health.COLLAPSE_PATIENCE,
+        checkpoint_steps=1,
+        keep_hub_module_max=-1,
+    )
+    with caplog.at_level("INFO", logger="absl"):
+        _run(config)
+    scalars = _event_scalars(tmp_path)
+    steps = list(range(1, health.COLLAPSE_PATIENCE + 1))
+    rows = 2 * config.train.train_batch_size  # Two views, one replica.
+    feature_dim = 512  # ResNet-18.
+    for step in steps:
+        std = scalars["train/proj_std"][step]
+        rank = scalars["train/rankme"][step]
+        assert 0.0 < std <= 1.0 / np.sqrt(config.model.proj_out_dim) + 1e-6
+        assert 1.0 <= rank <= min(rows, feature_dim) + 1e-3
+    # The progress line: "... proj_std 0.088  rankme 12.3  ETA ...".
+    assert re.search(r"proj_std \d\.\d{3}  rankme \d+\.\d  ETA", caplog.text)
+    warnings = [r for r in caplog.records if "looks collapsed" in r.message]
+    assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
+    assert f"Step {steps[-1]}:" in warnings[0].message
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
