@@ -215,7 +215,7 @@ def _collapse_detector(config, strategy, model, objective):
     """The collapse warning for the objective's health monitors (None
     without them), with the shapes they are computed on: one replica's
     batch of `num_views` views."""
-    if not objective.monitor_names:
+    if not getattr(objective, "monitor_names", ()):
         return None
     feature_dim = model.encoder.output_dim
     proj_dim = model.projection_head.hidden_dims(feature_dim)[-1]
