@@ -181,7 +181,7 @@ def stage_configs(
             # the reference's gamma = 0 on the residual branches a random
             # ResNet is a chain of strided 1x1 shortcut convs.
             zero_init_residual_bn=False,
-            keep_hub_module_max=0,
+            keep_hub_module_max=-1,
         ),
     }
     return {

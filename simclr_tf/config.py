@@ -383,7 +383,9 @@ class TrainConfig:
     )
     keep_hub_module_max: int = _field(
         1,
-        "Number of most recent SavedModel exports to keep; 0 disables export.",
+        "Number of most recent SavedModel exports to keep (one is written "
+        "after each evaluation and at the end of training); 0 keeps all, as "
+        "the reference; -1 disables export.",
     )
     checkpoint: str | None = _field(
         None,
@@ -419,7 +421,11 @@ class TrainConfig:
             "checkpoint_steps",
             "checkpoint_epochs",
             "grad_cache_chunk_size",
-            "keep_hub_module_max",
+        )
+        _check(
+            self.keep_hub_module_max >= -1,
+            f"Received: keep_hub_module_max={self.keep_hub_module_max}. Use "
+            "a number of exports to keep, 0 to keep all or -1 for none.",
         )
         _check(
             self.train_steps > 0 or self.train_epochs > 0,

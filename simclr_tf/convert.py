@@ -14,8 +14,8 @@ import os
 
 import tensorflow as tf
 
+from simclr_tf import cli, export, interop, interop_arch
 from simclr_tf import config as config_lib
-from simclr_tf import export, interop, interop_arch
 from simclr_tf import run_info as run_info_lib
 from simclr_tf.models import factory
 
@@ -51,16 +51,6 @@ def config_for(
         lineareval_while_pretraining=False,
     )
     return config_lib.from_flat(values)
-
-
-def _flags_text(config: config_lib.Config) -> str:
-    defaults = config_lib.to_flat(config_lib.Config())
-    flat = config_lib.to_flat(config)
-    return "".join(
-        f"--{name}={str(value).lower() if isinstance(value, bool) else value}\n"
-        for name, value in flat.items()
-        if value != defaults[name] and name != "model_dir"
-    )
 
 
 def convert(
@@ -112,8 +102,7 @@ def convert(
         ),
         output_dir,
     )
-    with open(os.path.join(output_dir, "flags.cfg"), "w") as f:
-        f.write(_flags_text(config))
+    cli.write_flags_file(output_dir, config)  # As run.py writes it.
     # A CheckpointManager save, so that `--checkpoint=<output_dir>` finds it.
     tf.train.CheckpointManager(
         tf.train.Checkpoint(model=model), output_dir, max_to_keep=1

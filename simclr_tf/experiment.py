@@ -17,7 +17,7 @@ from absl import logging
 
 import simclr_tf
 from simclr_tf import config as config_lib
-from simclr_tf import distribute, evaluation, export, optim
+from simclr_tf import distribute, evaluation, export, health, optim
 from simclr_tf import run_info as run_info_lib
 from simclr_tf.data import input_pipeline, sources
 from simclr_tf.models import factory
@@ -137,10 +137,24 @@ def check_initial_checkpoint(config: config_lib.Config) -> None:
     checkpoints.check_initial_checkpoint(config, info.num_classes)
 
 
+def _export(config, model, info, step, chief) -> None:
+    """The SavedModel of `step` (`export.export_run`), on the chief.
+
+    Written, as in the reference, after each evaluation (in mode=eval one
+    per evaluated checkpoint) and, here also, at the end of training;
+    `--keep_hub_module_max=-1` turns it off.
+    """
+    if chief and config.train.keep_hub_module_max >= 0:
+        export.export_run(config, model, info, step)
+
+
 def _evaluate_and_record(config, strategy, model, source, step, writer):
+    """Evaluates, then (on the chief: `writer` given) writes the results
+    and exports the evaluated model."""
     results = evaluation.evaluate(config, strategy, model, source, step)
     if writer is not None:
         evaluation.write_results(config, results, writer)
+        _export(config, model, source.info, step, chief=True)
     return results
 
 
@@ -197,6 +211,22 @@ def _preview_images(
     return images
 
 
+def _collapse_detector(config, strategy, model, objective):
+    """The collapse warning for the objective's health monitors (None
+    without them), with the shapes they are computed on: one replica's
+    batch of `num_views` views."""
+    if not getattr(objective, "monitor_names", ()):
+        return None
+    feature_dim = model.encoder.output_dim
+    proj_dim = model.projection_head.hidden_dims(feature_dim)[-1]
+    local_batch = config.train.train_batch_size // strategy.num_replicas_in_sync
+    return health.CollapseDetector(
+        proj_dim=proj_dim,
+        rows=model.num_views * local_batch,
+        feature_dim=feature_dim,
+    )
+
+
 def train(
     config: config_lib.Config,
     strategy: tf.distribute.Strategy,
@@ -237,17 +267,21 @@ def train(
             start_batch=start_batch,
         )
 
+    objective = factory.build_objective(config, model)
     ctx = trainer.TrainContext(
         strategy,
         model,
         optimizer,
-        factory.build_objective(config, model),
+        objective,
         ckpt,
         chief,
         writer,
         dataset_fn=dataset_fn,
         preview_fn=functools.partial(
             _preview_images, config, source, pretrain, model.num_views
+        ),
+        collapse_detector=_collapse_detector(
+            config, strategy, model, objective
         ),
     )
     return trainer.train(plan, ctx)
@@ -295,10 +329,9 @@ def run(config: config_lib.Config) -> dict[str, float] | None:
     step = train(
         config, strategy, model, optimizer, source, chief=chief, writer=writer
     )
-    if chief and config.train.keep_hub_module_max:
-        export.export_run(config, model, info, step)
-    if mode == "train_then_eval":
+    if mode == "train_then_eval":  # Exports after the evaluation.
         return _evaluate_and_record(
             config, strategy, model, source, step, writer
         )
+    _export(config, model, info, step, chief)
     return None

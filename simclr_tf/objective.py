@@ -12,6 +12,11 @@ outputs it reads (`output_keys`, the only ones gradient caching keeps
 whole) and the metrics it returns (`metric_names`, a fixed order; the
 TensorBoard names of SPEC.md §7 without "train/").
 
+An objective may also name training-health monitors (`monitor_names`,
+computed by `monitors(outputs)` under a stop-gradient): the step computes
+them on the last step of each loop call only (an SVD is too costly for
+every step), and the loop reports that step's values.
+
 Two objectives exist: `ContrastiveObjective` (pretraining: NT-Xent, plus
 the linear head's cross-entropy when the model has one) and
 `SupervisedObjective` (fine-tuning). A new objective (e.g. distillation
@@ -25,11 +30,14 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
-from simclr_tf import losses
+from simclr_tf import health, losses
 
 CONTRASTIVE_METRICS = ("contrast_loss", "contrast_acc", "contrast_entropy")
 SUPERVISED_METRICS = ("supervised_loss", "supervised_acc")
 TOTAL_METRICS = ("weight_decay", "total_loss")
+# Collapse monitors of pretraining (`simclr_tf.health`): the projections'
+# per-dimension std and the encoder features' effective rank.
+HEALTH_METRICS = ("proj_std", "rankme")
 
 
 def weight_decay_loss(variables: Sequence, weight_decay: float) -> tf.Tensor:
@@ -71,6 +79,8 @@ class _DecayedObjective:
 
     _own_keys: tuple[str, ...] = ()
     _own_metrics: tuple[str, ...] = ()
+    _monitor_keys: tuple[str, ...] = ()
+    _monitor_names: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -85,7 +95,18 @@ class _DecayedObjective:
     @property
     def output_keys(self) -> list[str]:
         """The model outputs the loss reads."""
-        return [*self._own_keys, *(["logits_sup"] if self.supervised else [])]
+        sup = ["logits_sup"] if self.supervised else []
+        return [*self._own_keys, *sup, *self._monitor_keys]
+
+    @property
+    def monitor_names(self) -> list[str]:
+        """The monitors `monitors` returns (none by default)."""
+        return list(self._monitor_names)
+
+    def monitors(self, outputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """{monitor name: float32 scalar} of one replica's outputs."""
+        del outputs
+        return {}
 
     @property
     def metric_names(self) -> list[str]:
@@ -123,6 +144,8 @@ class ContrastiveObjective(_DecayedObjective):
 
     _own_keys = ("proj_head_output",)
     _own_metrics = CONTRASTIVE_METRICS
+    _monitor_keys = ("proj_head_input",)
+    _monitor_names = HEALTH_METRICS
 
     def __init__(
         self,
@@ -160,6 +183,18 @@ class ContrastiveObjective(_DecayedObjective):
         # The linear head sees every view: (v * n, classes) labels.
         sup_labels = tf.concat([labels] * self.num_views, axis=0)
         return self._finish(total, metrics, outputs, sup_labels)
+
+    def monitors(self, outputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """`proj_std` of the projections (v * n, d) and `rankme` of the
+        encoder features (v * n, feature_dim) of this replica's batch."""
+        return {
+            "proj_std": health.projection_std(
+                tf.stop_gradient(outputs["proj_head_output"])
+            ),
+            "rankme": health.rankme(
+                tf.stop_gradient(outputs["proj_head_input"])
+            ),
+        }
 
 
 class SupervisedObjective(_DecayedObjective):

@@ -59,6 +59,7 @@ def _config(**flat):
         ({"min_crop_area": 0.0}, "min_crop_area=0.0"),
         ({"holdout_fraction": 1.0}, "holdout_fraction=1.0"),
         ({"grad_cache_chunk_size": -1}, "grad_cache_chunk_size=-1"),
+        ({"keep_hub_module_max": -2}, "keep_hub_module_max=-2"),
     ],
 )
 def test_each_rule_names_the_value(flat, fragment):
@@ -80,6 +81,8 @@ def test_valid_edges_pass():
         {"sk_ratio": 0.0625, "se_ratio": 0.25},
         {"image_size": 8},
         {"train_steps": 5, "train_epochs": 0},
+        {"keep_hub_module_max": 0},  # Keeps all.
+        {"keep_hub_module_max": -1},  # No export.
     ]:
         _config(**flat)
 

@@ -485,6 +485,21 @@ def test_export_run_writes_step_dir_and_keeps_newest(tmp_path, monkeypatch):
     assert metadata["resnet_depth"] == 18
 
 
+def test_export_run_with_keep_zero_keeps_every_export(tmp_path, monkeypatch):
+    def fake_export(model, export_dir, *, image_size, metadata):
+        os.makedirs(export_dir)
+        return export_dir
+
+    monkeypatch.setattr(export, "export_saved_model", fake_export)
+    config = config_lib.replace(_config(str(tmp_path)), keep_hub_module_max=0)
+    info = types.SimpleNamespace(num_classes=CLASSES, class_names=None)
+    model = types.SimpleNamespace(compute_dtype="float32")
+    for step in (2, 4, 6):
+        export.export_run(config, model, info, step)
+    base = tmp_path / "saved_model"
+    assert sorted(p.name for p in base.iterdir()) == ["2", "4", "6"]
+
+
 def test_export_of_a_bfloat16_run_computes_in_float32(tmp_path):
     config = _config(str(tmp_path))
     keras.mixed_precision.set_global_policy("mixed_bfloat16")

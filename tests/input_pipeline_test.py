@@ -479,6 +479,37 @@ def test_tfds_unlabeled_examples_get_zero_labels():
     np.testing.assert_array_equal(y, np.zeros([5, 10]))
 
 
+def test_tfds_reads_files_interleaved_like_the_reference():
+    """cycle_length 32, block_length 1 (reference tf2/data.py) for the
+    training and the eval split, so files mix before the shuffle."""
+    png = tf.io.encode_png(tf.zeros([8, 8, 3], tf.uint8))
+    calls = []
+
+    def as_dataset(self, split, decoders=None, read_config=None, **kwargs):
+        del self, decoders
+        calls.append((split, kwargs.get("shuffle_files"), read_config))
+        return tf.data.Dataset.from_tensors(
+            {"image": png, "label": tf.constant(1, tf.int64)}
+        ).repeat(4)
+
+    data = config.DataConfig(
+        dataset="cifar10", eval_split="test", image_size=SIZE, seed=1
+    )
+    with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+        source = sources.open_source(data)
+        calls.clear()  # Counting the examples reads without a ReadConfig.
+        source.records("train", shuffle_files=True, shuffle_seed=5)
+        source.records("test")
+    assert [(split, shuffle) for split, shuffle, _ in calls] == [
+        ("train", True),
+        ("test", False),
+    ]
+    for _, _, read_config in calls:
+        assert read_config.interleave_cycle_length == 32
+        assert read_config.interleave_block_length == 1
+    assert calls[0][2].shuffle_seed == 5
+
+
 def test_unknown_tfds_name_is_one_clear_error():
     with pytest.raises(sources.DatasetError) as e:
         sources.open_source(config.DataConfig(dataset="cifar_ten"))

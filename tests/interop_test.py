@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from simclr_tf import cli, convert, export, interop, interop_names
 from simclr_tf import config as config_lib
-from simclr_tf import convert, export, interop, interop_names
 from simclr_tf.models import factory
 from simclr_tf.training import checkpoints
 from tests import reference_forward
@@ -272,7 +272,16 @@ def test_convert_writes_a_run_dir_whose_export_matches(tmp_path):
     assert found.resnet_depth == 50 and src.step == 700
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["sk_ratio"] == 0.0625
-    assert "--resnet_depth" not in open(os.path.join(out, "flags.cfg")).read()
+    # flags.cfg as run.py writes it: replayed, it gives config.json's config.
+    cli.FLAGS.unparse_flags()
+    cli.FLAGS(["convert", f"--flagfile={os.path.join(out, 'flags.cfg')}"])
+    try:
+        replayed = config_lib.to_flat(cli.config_from_flags())
+    finally:
+        cli.FLAGS.unparse_flags()
+    with open(os.path.join(out, "config.json")) as f:
+        assert replayed == json.load(f)
+    assert replayed["sk_ratio"] == 0.0625 and replayed["model_dir"] == out
     assert tf.train.latest_checkpoint(out).endswith("ckpt-700")
     images = tf.random.stateless_uniform((2, size, size, 3), seed=(3, 4))
     ours = tf.saved_model.load(export_dir)(images, training=False)

@@ -34,7 +34,13 @@ def test_contrastive_objective_adds_ntxent_head_and_decay():
         weight_decay=WD,
         decayed_variables=[kernel],
     )
-    assert obj.output_keys == ["proj_head_output", "logits_sup"]
+    # The monitors' encoder features are kept too (gradient caching).
+    assert obj.output_keys == [
+        "proj_head_output",
+        "logits_sup",
+        "proj_head_input",
+    ]
+    assert obj.monitor_names == ["proj_std", "rankme"]
     total, metrics = obj(
         {"proj_head_output": proj, "logits_sup": logits},
         labels,
@@ -52,10 +58,31 @@ def test_contrastive_objective_adds_ntxent_head_and_decay():
     assert float(metrics["total_loss"]) == float(total)
 
 
+def test_contrastive_monitors_against_numpy():
+    rng = np.random.default_rng(1)
+    proj = rng.normal(size=(2 * N, DIM)).astype("float32")
+    # Rank-3 features of width 5: RankMe from NumPy's singular values.
+    features = (rng.normal(size=(2 * N, 3)) @ rng.normal(size=(3, 5))).astype(
+        "float32"
+    )
+    obj = objective.ContrastiveObjective(TAU, True, 2, False, 0.0, [])
+    got = obj.monitors({"proj_head_output": proj, "proj_head_input": features})
+    assert sorted(got) == sorted(obj.monitor_names)
+    z = proj / np.linalg.norm(proj, axis=1, keepdims=True)
+    np.testing.assert_allclose(got["proj_std"], z.std(0).mean(), rtol=1e-5)
+    s = np.linalg.svd(features.astype(np.float64), compute_uv=False)
+    p = s / s.sum() + 1e-7
+    np.testing.assert_allclose(
+        got["rankme"], np.exp(-(p * np.log(p)).sum()), rtol=1e-4
+    )
+    assert 1.0 <= float(got["rankme"]) <= 3.0 + 1e-3
+
+
 def test_supervised_objective_is_cross_entropy_and_decay():
     _, logits, labels, kernel = _inputs()
     obj = objective.SupervisedObjective(WD, [kernel])
     assert obj.output_keys == ["logits_sup"]
+    assert obj.monitor_names == [] and obj.monitors({}) == {}
     total, metrics = obj(
         {"logits_sup": logits[:N]}, labels, tf.distribute.get_replica_context()
     )

@@ -248,7 +248,7 @@ def test_stage_configs_equal_the_documented_run_py_commands():
         digits,
         *linear,
         "--nozero_init_residual_bn",
-        "--keep_hub_module_max=0",
+        "--keep_hub_module_max=-1",
         f"--model_dir={work}/random_linear_eval",
     )
 
@@ -286,7 +286,7 @@ def test_tiny_folder_run_then_plots(tmp_path, digits_root):
         steps_per_loop=2,
         train_batch_size=32,
         model_dir=str(tmp_path / "run"),
-        keep_hub_module_max=0,
+        keep_hub_module_max=-1,
     )
     config = config_lib.from_flat(flat)
     results = experiment.run(config)

@@ -2,6 +2,7 @@
 global batch, and the metrics/loss composition."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from simclr_tf import config as config_lib
@@ -133,3 +134,67 @@ def test_the_training_core_imports_no_config():
                 }
         assert "simclr_tf.config" not in imported, module.__name__
         assert "simclr_tf.cli" not in imported, module.__name__
+
+
+def _np_monitors(proj, features):
+    """proj_std and RankMe in NumPy (SimSiam §4.1; Garrido et al. eq. 1)."""
+    z = proj / np.linalg.norm(proj, axis=1, keepdims=True)
+    s = np.linalg.svd(features.astype(np.float64), compute_uv=False)
+    p = s / s.sum() + 1e-7
+    return z.std(0).mean(), np.exp(-(p * np.log(p)).sum())
+
+
+def _pretrain_loop(config, init, chunk):
+    strategy = tf.distribute.OneDeviceStrategy("/CPU:0")
+    with strategy.scope():
+        model = factory.build_model(config, CLASSES)
+        model.set_weights(init)
+        optimizer = optim.build_optimizer(
+            "lars", 0.5, momentum=0.9, weight_decay=1e-4, lars_exclusions=[]
+        )
+        optimizer.build(model.trainable_variables)
+    objective = factory.build_objective(config, model)
+    loop = step_lib.make_train_loop(
+        strategy,
+        step_lib.make_replica_step(
+            model, optimizer, objective, grad_cache_chunk_size=chunk
+        ),
+        objective.metric_names,
+        monitor_names=objective.monitor_names,
+    )
+    return model, loop
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_loop_reports_the_monitors_of_its_last_step(chunk):
+    config = _config()
+    rng = np.random.default_rng(2)
+    images = rng.uniform(size=(2, GLOBAL_BATCH, SIZE, SIZE, 6))
+    labels = np.eye(CLASSES)[rng.integers(0, CLASSES, (2, GLOBAL_BATCH))]
+    data = tf.data.Dataset.from_tensor_slices(
+        (images.astype("float32"), labels.astype("float32"))
+    )
+    init = factory.build_model(config, CLASSES).get_weights()
+
+    _, loop_a = _pretrain_loop(config, init, chunk)
+    two_steps = loop_a(iter(data), tf.constant(2))
+    model_b, loop_b = _pretrain_loop(config, init, chunk)
+    it = iter(data)
+    loop_b(it, tf.constant(1))
+    # Step 2's outputs (training mode: batch statistics, per chunk).
+    size = chunk or GLOBAL_BATCH
+    parts = [
+        model_b(images[1, i : i + size].astype("float32"), training=True)
+        for i in range(0, GLOBAL_BATCH, size)
+    ]
+    proj = np.concatenate([p["proj_head_output"].numpy() for p in parts])
+    features = np.concatenate([p["proj_head_input"].numpy() for p in parts])
+    want_std, want_rank = _np_monitors(proj, features)
+    step_2 = loop_b(it, tf.constant(1))
+    for got in (step_2, two_steps):
+        np.testing.assert_allclose(got["proj_std"], want_std, rtol=1e-4)
+        np.testing.assert_allclose(got["rankme"], want_rank, rtol=1e-3)
+    # In range: std <= 1/sqrt(d) (Jensen), 1 <= RankMe <= min(rows, dim).
+    assert 0.0 < float(two_steps["proj_std"]) <= 1 / np.sqrt(proj.shape[1])
+    assert 1.0 <= float(two_steps["rankme"]) <= min(features.shape)

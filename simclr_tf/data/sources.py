@@ -190,6 +190,14 @@ class ArraySource(Source):
         return tf.convert_to_tensor(record, tf.uint8)
 
 
+# TFDS reads 32 files at once, one example from each in turn (the
+# reference's ReadConfig), so that consecutive examples come from
+# different files before the shuffle buffer (the TFDS default reads
+# blocks of 16 consecutive examples from 16 files).
+TFDS_INTERLEAVE_CYCLE_LENGTH = 32
+TFDS_INTERLEAVE_BLOCK_LENGTH = 1
+
+
 class TfdsSource(Source):
     """A TFDS dataset, its builder created once.
 
@@ -316,6 +324,8 @@ class TfdsSource(Source):
         read_config = tfds.ReadConfig(
             input_context=input_context if by_file else None,
             shuffle_seed=int(shuffle_seed),
+            interleave_cycle_length=TFDS_INTERLEAVE_CYCLE_LENGTH,
+            interleave_block_length=TFDS_INTERLEAVE_BLOCK_LENGTH,
         )
         ds = self._read(split, read_config, shuffle_files)
         if n > 1 and not by_file:

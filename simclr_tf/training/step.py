@@ -5,12 +5,13 @@ cross-replica negatives, supervised cross-entropy, weight decay; see
 `simclr_tf.objective`), loss / num_replicas (gradients are summed across
 replicas by the optimizer), gradients, update. The loop runs `num_steps`
 replica steps inside one `tf.function` and returns the mean of each metric
-over them, averaged over replicas.
+over them, averaged over replicas, and the objective's monitors (health
+statistics with an SVD, too costly for every step) of the last step only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import keras
 import tensorflow as tf
@@ -24,7 +25,12 @@ def make_replica_step(
     objective: Callable,
     grad_cache_chunk_size: int = 0,
 ) -> Callable:
-    """Returns `step(images, labels) -> metrics` for `strategy.run`.
+    """Returns `step(images, labels, monitor=False) -> metrics` for
+    `strategy.run`.
+
+    The metrics are the objective's `metric_names` and, when it has
+    `monitor_names`, those too: computed on the step's outputs when the
+    boolean `monitor` is true, else 0 (their cost is then skipped).
 
     Args:
       model: the built model.
@@ -36,15 +42,23 @@ def make_replica_step(
     """
     variables = model.trainable_variables
     chunk = grad_cache_chunk_size
-    # The outputs the loss reads: the only ones grad caching keeps whole.
+    # The outputs the loss and the monitors read: the only ones grad
+    # caching keeps whole.
     output_keys = list(objective.output_keys)
+    monitor_names = list(getattr(objective, "monitor_names", ()))
 
-    def step(images, labels):
+    def step(images, labels, monitor=False):
         ctx = tf.distribute.get_replica_context()
         replicas = ctx.num_replicas_in_sync
 
         def loss_fn(outputs):
-            return objective(outputs, labels, ctx)
+            total, metrics = objective(outputs, labels, ctx)
+            if monitor_names:
+                metrics = {
+                    **metrics,
+                    **_monitors(objective, outputs, monitor, monitor_names),
+                }
+            return total, metrics
 
         loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         if chunk:
@@ -81,34 +95,56 @@ def make_replica_step(
     return step
 
 
+def _monitors(objective, outputs, monitor, names) -> dict[str, tf.Tensor]:
+    """`objective.monitors(outputs)` when `monitor`, else zeros."""
+    return tf.cond(
+        tf.convert_to_tensor(monitor, tf.bool),
+        lambda: objective.monitors(outputs),
+        lambda: {name: tf.constant(0.0) for name in names},
+    )
+
+
 def make_train_loop(
     strategy: tf.distribute.Strategy,
     replica_step: Callable,
     names: list[str],
     jit_compile: bool = False,
+    monitor_names: Sequence[str] = (),
 ) -> Callable:
-    """Returns `loop(iterator, num_steps) -> {name: mean over the steps}`.
+    """Returns `loop(iterator, num_steps) -> {name: value}`.
 
     The whole loop is one `tf.function`, so the host is visited once per
     `num_steps` steps; with `jit_compile` the replica step is XLA-compiled.
+    Each of `names` is its mean over the steps; each of `monitor_names`
+    (the objective's monitors) is its value at the last step, where the
+    replica step is asked to compute them. Both are averaged over
+    replicas.
     """
     if jit_compile:
         replica_step = tf.function(replica_step, jit_compile=True)
+    monitor_names = list(monitor_names)
+
+    def mean(per_replica, name):
+        return strategy.reduce(
+            tf.distribute.ReduceOp.MEAN, per_replica[name], axis=None
+        )
 
     @tf.function
     def loop(iterator, num_steps):
         sums = {name: tf.constant(0.0) for name in names}
-        for _ in tf.range(num_steps):
+        last = {name: tf.constant(0.0) for name in monitor_names}
+        for i in tf.range(num_steps):
             images, labels = next(iterator)
-            per_replica = strategy.run(replica_step, args=(images, labels))
+            args = (images, labels)
+            if monitor_names:
+                args += (tf.equal(i, num_steps - 1),)
+            per_replica = strategy.run(replica_step, args=args)
             sums = {
-                name: sums[name]
-                + strategy.reduce(
-                    tf.distribute.ReduceOp.MEAN, per_replica[name], axis=None
-                )
-                for name in names
+                name: sums[name] + mean(per_replica, name) for name in names
             }
+            # Overwritten each step: the last step's values remain.
+            last = {name: mean(per_replica, name) for name in monitor_names}
         steps = tf.cast(num_steps, tf.float32)
-        return {name: value / steps for name, value in sums.items()}
+        return {**{k: v / steps for k, v in sums.items()}, **last}
 
     return loop

@@ -2,8 +2,10 @@
 
 Each host iteration runs up to `steps_per_loop` steps in one `tf.function`
 call (fewer when a checkpoint or the last step falls sooner), then checks
-the loss is finite, writes TensorBoard scalars, prints one progress line
-and saves a checkpoint when one is due or SIGTERM asked for it.
+the loss is finite, writes TensorBoard scalars (the metrics' means over
+the call and the objective's health monitors of its last step), prints
+one progress line, passes the monitors to the collapse detector and saves
+a checkpoint when one is due or SIGTERM asked for it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -73,6 +76,9 @@ class TrainContext:
         stream from that batch on.
       preview_fn: returns a batch of training views for the augmentation
         summary of a fresh run (None: no summary).
+      collapse_detector: called as `update(step, proj_std, rankme)` with
+        each log's monitors (`simclr_tf.health.CollapseDetector`; None:
+        no collapse warning).
     """
 
     strategy: tf.distribute.Strategy
@@ -84,6 +90,7 @@ class TrainContext:
     writer: tf.summary.SummaryWriter | None
     dataset_fn: Callable[[int], Iterable]
     preview_fn: Callable[[], tf.Tensor] | None = None
+    collapse_detector: Any | None = None
 
 
 def _progress_line(step, total, images_per_s, metrics, eta_s) -> str:
@@ -94,6 +101,10 @@ def _progress_line(step, total, images_per_s, metrics, eta_s) -> str:
         parts.append(f"contrast_acc {metrics['contrast_acc']:.3f}")
     if "supervised_acc" in metrics:
         parts.append(f"supervised_acc {metrics['supervised_acc']:.3f}")
+    if "proj_std" in metrics:
+        parts.append(f"proj_std {metrics['proj_std']:.3f}")
+    if "rankme" in metrics:
+        parts.append(f"rankme {metrics['rankme']:.1f}")
     parts.append(f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta_s))}")
     return "  ".join(parts)
 
@@ -152,6 +163,7 @@ def train(plan: TrainPlan, ctx: TrainContext) -> int:
         ),
         list(ctx.objective.metric_names),
         jit_compile=plan.jit_compile,
+        monitor_names=getattr(ctx.objective, "monitor_names", ()),
     )
     ckpt = ctx.checkpointer
     watcher = checkpoints.PreemptionWatcher()
@@ -180,6 +192,10 @@ def train(plan: TrainPlan, ctx: TrainContext) -> int:
                     (total - step) * seconds / n,
                 )
             )
+            if ctx.collapse_detector is not None:
+                ctx.collapse_detector.update(
+                    step, metrics.get("proj_std"), metrics.get("rankme")
+                )
             if step % every == 0 or step == total or watcher.requested:
                 ckpt.save(step)
             if watcher.requested:
