@@ -48,9 +48,9 @@ def main(argv: list[str]) -> None:
     from simclr_tf import experiment
 
     try:
-        # A --checkpoint that cannot initialise the run fails before any
-        # file is written to model_dir.
-        experiment.check_initial_checkpoint(config)
+        # Strategy, data source and every check that can refuse the run,
+        # before any file is written to model_dir.
+        setup = experiment.prepare(config)
     except ConfigError as e:
         sys.stderr.write(f"run.py: error: {e}\n")
         sys.exit(2)
@@ -61,7 +61,7 @@ def main(argv: list[str]) -> None:
         os.path.join(config.train.model_dir, "flags.cfg"),
     )
     try:
-        experiment.run(config)
+        experiment.run(config, setup)
     except ConfigError as e:
         # A user error found once data or checkpoints are read: one line.
         sys.stderr.write(f"run.py: error: {e}\n")
