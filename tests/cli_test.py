@@ -240,6 +240,7 @@ def test_data_error_after_parsing_is_one_line(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "no_such_folder" in result.stderr
     assert "Traceback" not in result.stderr
+    assert not list(tmp_path.iterdir())  # Refused before writing.
 
 
 def test_flags_file_of_a_config_is_what_absl_serializes(tmp_path):
