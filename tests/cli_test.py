@@ -1,6 +1,7 @@
 """Tests of the command line: flags, recipes, flags.cfg replay, layering."""
 
 import ast
+import dataclasses
 import json
 import pathlib
 import subprocess
@@ -199,6 +200,29 @@ def test_helpfull_lists_all_reference_flags():
     out = _run_py("--helpfull").stdout
     for name in config_lib.field_names():
         assert f"--{name}" in out or f"--[no]{name}" in out, name
+
+
+@pytest.mark.parametrize("arg", ["--help", "-?"])
+def test_help_lists_our_flags_by_group(arg):
+    result = _run_py(arg)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    # Each group's heading, then each of its flags, in config order.
+    position = -1
+    for group_name, group in config_lib.GROUPS.items():
+        heading = out.index(f"\n{group_name} flags: ")
+        assert heading > position, group_name
+        position = heading
+        for f in dataclasses.fields(group):
+            shown = f"--[no]{f.name}:" if f.type == "bool" else f"--{f.name}:"
+            found = out.index(shown, position)
+            assert found > position, f.name
+            position = found
+    assert "--[no]use_blur: Gaussian blur" in out
+    assert "--train_batch_size: Global training batch size" in out
+    assert "(default: '512')" in out
+    # Not absl's own flags: those are --helpfull's.
+    assert "--[no]alsologtostderr" not in out
 
 
 def test_only_check_args_on_smoke_recipe():
