@@ -527,9 +527,19 @@ def test_preview_script_writes_a_png(class_folder, tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    png = tf.io.decode_png(tf.io.read_file(str(output)))
-    # 3 rows and 3 columns of 24 px tiles with 2 px borders.
-    assert png.shape == (3 * 28, 3 * 28, 3)
+    sys.path.insert(0, os.path.dirname(script))
+    import plot_run
+
+    # The labelled grid of plot_run.plot_augmentations: 3 rows (images) of
+    # an original and 2 views, at the script's figure size and resolution.
+    width, height = plot_run.augmentation_figsize(3, 2)
+    png = tf.io.decode_png(tf.io.read_file(str(output))).numpy()
+    assert png.shape[:2] == (
+        round(plot_run.DPI * height),
+        round(plot_run.DPI * width),
+    )
+    # Not a blank canvas: the tiles hold images, not only the background.
+    assert len(np.unique(png[..., :3].reshape(-1, 3), axis=0)) > 100
 
 
 # --------------------------------------------------------------------------
