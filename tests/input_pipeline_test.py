@@ -139,7 +139,7 @@ def _digest(image) -> str:
 
 
 def test_folder_info_holdout_and_skipped_files(class_folder, caplog):
-    caplog.set_level(logging.WARNING)
+    caplog.set_level(logging.INFO)
     data = _data(class_folder, holdout_fraction=0.2, eval_split="val")
     source = sources.open_source(data)
     info = source.info
@@ -155,6 +155,20 @@ def test_folder_info_holdout_and_skipped_files(class_folder, caplog):
         r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()
     ]
     assert len(warnings) == 1 and "Skipped 2 unreadable" in warnings[0]
+    # One summary line of what the scan found.
+    (summary,) = [
+        r.getMessage()
+        for r in caplog.records
+        if r.getMessage().startswith("Image folder")
+    ]
+    assert "2 classes (ant, bee)" in summary
+    assert f"train {info.num_train_examples}, val {info.num_eval_examples}" in (
+        summary
+    )
+    assert (
+        "(one folder)" in summary
+        and "files skipped (do not decode): 2" in summary
+    )
     # The folder is scanned once, when opened: reading its info again and
     # building pipelines of both splits reports nothing more.
     assert source.info == info
