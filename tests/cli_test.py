@@ -120,6 +120,26 @@ EXPECTED = {
         optimizer="lars",
         train_epochs=30,
     ),
+    # Your own images: pretraining only (no eval split or labels needed).
+    "own_images_small.cfg": dict(
+        mode="train",
+        train_mode="pretrain",
+        image_size=32,  # The CIFAR stem.
+        resnet_depth=18,
+        use_blur=False,
+        color_jitter_strength=0.5,
+        temperature=0.5,
+    ),
+    "own_images_imagenet.cfg": dict(
+        mode="train",
+        train_mode="pretrain",
+        image_size=224,
+        resnet_depth=50,
+        use_blur=True,
+        color_jitter_strength=1.0,
+        learning_rate_scaling="sqrt",
+        temperature=0.1,
+    ),
     "smoke.cfg": dict(
         resnet_depth=18,
         image_size=32,
