@@ -88,15 +88,39 @@ def _head_difference(
     ]
 
 
+def _optimizer_differences(
+    theirs: dict | None, facts: dict | None, config: config_lib.Config
+) -> list[str]:
+    """The checkpoints hold the optimizer's state: its kind, and under
+    float16 the loss-scale wrapper's (`build_model_and_optimizer`)."""
+    diffs = []
+    ours = config.optim.optimizer
+    if theirs is not None and theirs.get("optimizer", ours) != ours:
+        diffs.append(
+            f"optimizer={theirs['optimizer']!r} there vs {ours!r} here (the "
+            "checkpoints hold its state)"
+        )
+    if facts is not None and "dtype_policy" in facts:
+        scaled = facts["dtype_policy"] == "mixed_float16"
+        if scaled != (config.runtime.mixed_precision == "float16"):
+            diffs.append(
+                f"compute precision {facts['dtype_policy']} there vs "
+                f"--mixed_precision={config.runtime.mixed_precision} here "
+                "(float16 checkpoints hold a loss-scaled optimizer)"
+            )
+    return diffs
+
+
 def check_model_dir(
     config: config_lib.Config, info: sources.DatasetInfo
 ) -> None:
     """Refuses to resume checkpoints that do not fit this run.
 
     When model_dir holds checkpoints, the run would restore them: the
-    architecture (`factory.ARCHITECTURE_FIELDS`, the stem) must equal the
-    one in its `config.json`, and the classes and supervised head the ones
-    in its `run_info.json`. A model_dir without checkpoints is not checked
+    architecture (`factory.ARCHITECTURE_FIELDS`, the stem) and the
+    optimizer must equal the ones in its `config.json`, and the classes,
+    supervised head and float16 loss scaling the ones in its
+    `run_info.json`. A model_dir without checkpoints is not checked
     (it holds nothing a run could lose).
 
     Raises:
@@ -114,6 +138,7 @@ def check_model_dir(
         diffs += _class_differences(facts, info)
         if theirs is not None and facts.get("num_classes") == info.num_classes:
             diffs += _head_difference(theirs, info.num_classes, config)
+    diffs += _optimizer_differences(theirs, facts, config)
     if diffs:
         raise ModelDirError(
             f"Received: model_dir={model_dir!r}, which holds checkpoints of "

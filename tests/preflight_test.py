@@ -136,6 +136,16 @@ def _fake_run_dir(path, config, num_classes, names=None):
         ),
         (dict(image_size=32), _info(3, ("a", "b", "c")), "different stem"),
         (dict(sk_ratio=0.0625), _info(3, ("a", "b", "c")), "sk_ratio=0.0"),
+        (
+            dict(optimizer="adam"),
+            _info(3, ("a", "b", "c")),
+            "optimizer='lars' there vs 'adam' here",
+        ),
+        (
+            dict(mixed_precision="float16"),
+            _info(3, ("a", "b", "c")),
+            "float32 there vs --mixed_precision=float16 here",
+        ),
     ],
 )
 def test_model_dir_mismatch_names_the_field(tmp_path, ours, info, fragment):
