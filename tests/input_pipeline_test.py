@@ -393,7 +393,7 @@ def test_flat_folder_is_unlabeled_pretraining_only(tmp_path):
     data = _data(root)
     info = sources.open_source(data).info
     assert info.num_classes is None and info.num_train_examples == 6
-    assert info.num_eval_examples == 0  # No eval split: a warning only.
+    assert info.num_eval_examples == 0  # No eval split: training only.
     x, y = _batches(
         _build(data, batch_size=4, is_training=True, pretrain=True), 1
     )[0]
