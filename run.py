@@ -1,4 +1,4 @@
-"""SimCLR pretraining, fine-tuning and evaluation.
+r"""SimCLR pretraining, fine-tuning and evaluation.
 
 Usage:
   python run.py --mode=train_then_eval --train_batch_size=4096 \
@@ -6,7 +6,7 @@ Usage:
   python run.py --flagfile=flags/cifar10_pretrain.cfg --model_dir=/tmp/c10
 
 Every flag is a field of simclr_tf/config.py, defined as a flag by
-simclr_tf/cli.py (`python run.py --helpfull`).
+simclr_tf/cli.py; `--help` lists them by group, `--helpfull` adds absl's.
 """
 
 import os
@@ -21,7 +21,14 @@ from simclr_tf.config import ConfigError
 def parse_and_validate(argv: list[str]) -> list[str]:
     """Parses flags and builds the config (which checks every value)
     before any TensorFlow work, so that `--only_check_args` also checks
-    values."""
+    values.
+
+    `--help` prints our flags grouped as the config is and exits 0
+    (absl's own `--help` lists only flags defined in this file, none).
+    """
+    if any(arg in cli.HELP_ARGS for arg in argv[1:]):
+        sys.stdout.write((__doc__ or "") + cli.help_text())
+        sys.exit(0)
     remaining = app.parse_flags_with_usage(argv)
     try:
         cli.config_from_flags()
@@ -48,9 +55,9 @@ def main(argv: list[str]) -> None:
     from simclr_tf import experiment
 
     try:
-        # A --checkpoint that cannot initialise the run fails before any
-        # file is written to model_dir.
-        experiment.check_initial_checkpoint(config)
+        # Strategy, data source and every check that can refuse the run,
+        # before any file is written to model_dir.
+        setup = experiment.prepare(config)
     except ConfigError as e:
         sys.stderr.write(f"run.py: error: {e}\n")
         sys.exit(2)
@@ -61,7 +68,7 @@ def main(argv: list[str]) -> None:
         os.path.join(config.train.model_dir, "flags.cfg"),
     )
     try:
-        experiment.run(config)
+        experiment.run(config, setup)
     except ConfigError as e:
         # A user error found once data or checkpoints are read: one line.
         sys.stderr.write(f"run.py: error: {e}\n")

@@ -130,9 +130,15 @@ def _xy(points):
     return steps, values
 
 
+# Resolution of every PNG written here.
+DPI = 100
+# Inches per image of the augmentation grid: digits (8 px) become 125 px.
+AUGMENTATION_TILE_INCHES = 1.25
+
+
 def _save(fig, path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=DPI)
     fig.clf()
     return path
 
@@ -240,6 +246,13 @@ def plot_curves(
     return path
 
 
+def augmentation_figsize(n: int, k: int) -> tuple[float, float]:
+    """(width, height) in inches of the grid of n images and k views each:
+    one tile per image, plus margins for the labels and the title."""
+    tile = AUGMENTATION_TILE_INCHES
+    return tile * (k + 1) + 0.4, tile * n + 0.9
+
+
 def plot_augmentations(
     originals: np.ndarray, views: np.ndarray, path: str, title: str = ""
 ) -> str:
@@ -257,11 +270,10 @@ def plot_augmentations(
     plt = _matplotlib()
     originals, views = np.asarray(originals), np.asarray(views)
     n, k = originals.shape[0], views.shape[-1] // 3
-    tile = 1.25  # inches per image; digits (8 px) become 125 px tiles
     fig, axes = plt.subplots(
         n,
         k + 1,
-        figsize=(tile * (k + 1) + 0.4, tile * n + 0.9),
+        figsize=augmentation_figsize(n, k),
         squeeze=False,
         gridspec_kw=dict(wspace=0.06, hspace=0.06),
     )

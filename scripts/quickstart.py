@@ -195,7 +195,8 @@ def stage_configs(
 def run_stage(name: str, config: config_lib.Config) -> dict:
     """Runs run.py's job in-process on `config`.
 
-    Writes `flags.cfg` (replayable with run.py's `--flagfile`) to the
+    Prepares the run (`experiment.prepare`: the checks that can refuse
+    it), writes `flags.cfg` (replayable with run.py's `--flagfile`) to the
     config's model_dir, then runs the experiment. A stage whose
     `result.json` exists is skipped.
 
@@ -210,10 +211,12 @@ def run_stage(name: str, config: config_lib.Config) -> dict:
     if done is not None:
         logging.info("%s: already done in %s, reusing it.", name, model_dir)
         return dict(done, seconds=float("nan"))
-    cli.write_flags_file(model_dir, config)
     print(f"== {name}: {model_dir}", flush=True)
     start = time.perf_counter()
-    experiment.run(config)
+    # As run.py: every check that can refuse the stage before any write.
+    setup = experiment.prepare(config)
+    cli.write_flags_file(model_dir, config)
+    experiment.run(config, setup)
     seconds = time.perf_counter() - start
     return dict(_read_result(model_dir), seconds=seconds)
 

@@ -57,6 +57,36 @@ FLAGS = flags.FLAGS
 FLAG_NAMES = tuple(config_lib.field_names())
 
 
+# The arguments that ask for help (absl's --help, --helpshort and -?).
+HELP_ARGS = ("--help", "-help", "--helpshort", "-helpshort", "-?")
+
+
+def _flag_help(name: str) -> str:
+    """One flag's entry, as absl's --helpfull renders it."""
+    flag = FLAGS[name]
+    shown = f"--[no]{name}" if flag.boolean else f"--{name}"
+    text = f"{shown}: {flag.help}"
+    if flag.default is not None:
+        text += f"\n(default: {flag.default_as_str})"
+    return flags.text_wrap(text, indent="    ", firstline_indent="  ")
+
+
+def help_text() -> str:
+    """Our flags with their help and defaults, grouped as the config is
+    (data, model, loss, optim, train, eval, runtime), each group headed by
+    its docstring's first line."""
+    parts = []
+    for group_name, group in config_lib.GROUPS.items():
+        summary = group.__doc__.strip().splitlines()[0]
+        parts.append(f"\n{group_name} flags: {summary}")
+        parts += [_flag_help(f.name) for f in dataclasses.fields(group)]
+    parts.append(
+        "\n--flagfile=FILE reads flags from FILE (e.g. flags/*.cfg); "
+        "--helpfull also lists absl's own flags."
+    )
+    return "\n".join(parts) + "\n"
+
+
 def config_from_flags() -> config_lib.Config:
     """Reads every flag once and returns the checked, frozen config.
 

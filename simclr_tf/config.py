@@ -447,6 +447,12 @@ class EvalConfig:
     eval_name: str | None = _field(
         None, "Name of this evaluation (TensorBoard sub-directory)."
     )
+    eval_timeout_secs: int = _field(
+        600,
+        "mode=eval: seconds to wait for a new checkpoint in model_dir "
+        "before stopping (0 = evaluate what is there and stop). Ending "
+        "without having evaluated anything is an error (exit status 2).",
+    )
     knn_k: int = _field(
         200, "Neighbours of the weighted kNN monitor (0 = off)."
     )
@@ -482,7 +488,13 @@ class EvalConfig:
             "not installed. Install it with pip install "
             "'simclr_tf[quickstart]', or drop --eval_logistic_regression.",
         )
-        _check_non_negative(self, "eval_steps", "knn_k", "knn_train_examples")
+        _check_non_negative(
+            self,
+            "eval_steps",
+            "eval_timeout_secs",
+            "knn_k",
+            "knn_train_examples",
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,14 +17,11 @@ from absl import logging
 
 import simclr_tf
 from simclr_tf import config as config_lib
-from simclr_tf import distribute, evaluation, export, health, optim
+from simclr_tf import distribute, evaluation, export, health, optim, preflight
 from simclr_tf import run_info as run_info_lib
 from simclr_tf.data import input_pipeline, sources
 from simclr_tf.models import factory
 from simclr_tf.training import checkpoints, trainer
-
-# mode=eval stops waiting when no new checkpoint appears for this long.
-EVAL_WAIT_SECONDS = 600
 
 _POLICIES = {
     "none": "float32",
@@ -75,12 +72,7 @@ def build_model_and_optimizer(
     `strategy.scope()`: Keras 3 cannot create its slots inside the first
     distributed step (FACTS.md).
     """
-    if config.train.train_mode == "finetune" and info.num_classes is None:
-        raise config_lib.ConfigError(
-            f"Received: train_mode=finetune on {config.data.dataset!r}, "
-            "which has no labels. Fine-tune on a labelled dataset (class "
-            "subfolders) or use --train_mode=pretrain."
-        )
+    preflight.check_labels_for_finetune(config, info)
     policy = _POLICIES[
         distribute.resolve_mixed_precision(
             config.runtime.mixed_precision, strategy
@@ -117,13 +109,17 @@ def build_model_and_optimizer(
     return model, optimizer
 
 
-def check_initial_checkpoint(config: config_lib.Config) -> None:
+def check_initial_checkpoint(
+    config: config_lib.Config, info: sources.DatasetInfo | None = None
+) -> None:
     """Fails before anything is written to model_dir when `--checkpoint`
     cannot initialise this run (it is not used when model_dir already
     holds a checkpoint to resume from).
 
-    It opens the data source for its class count (a second opening, before
-    `run` opens it; only when there is a checkpoint to check).
+    Args:
+      config: the run config.
+      info: the opened source's info; None opens the source for its class
+        count (only when there is a checkpoint to check).
 
     Raises:
       CheckpointError: see `checkpoints.check_initial_checkpoint`.
@@ -133,7 +129,8 @@ def check_initial_checkpoint(config: config_lib.Config) -> None:
         model_dir and tf.train.latest_checkpoint(model_dir)
     ):
         return
-    info = sources.open_source(config.data).info
+    if info is None:
+        info = sources.open_source(config.data).info
     checkpoints.check_initial_checkpoint(config, info.num_classes)
 
 
@@ -158,8 +155,17 @@ def _evaluate_and_record(config, strategy, model, source, step, writer):
     return results
 
 
+class NothingEvaluatedError(config_lib.ConfigError):
+    """mode=eval found no checkpoint to evaluate before its timeout."""
+
+
 def _eval_checkpoints(config, strategy, model, optimizer, source, writer):
-    """mode=eval: evaluates each new checkpoint until the last step's."""
+    """mode=eval: evaluates each new checkpoint until the last step's.
+
+    Raises:
+      NothingEvaluatedError: no checkpoint appeared within
+        `--eval_timeout_secs`.
+    """
     model_dir = config.train.model_dir
     total = total_steps(config, source.info.num_train_examples)
     if (
@@ -169,20 +175,46 @@ def _eval_checkpoints(config, strategy, model, optimizer, source, writer):
         checkpoints.restore_initial_weights(model, config)
         _evaluate_and_record(config, strategy, model, source, 0, writer)
         return
+    timeout = config.eval.eval_timeout_secs
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer)
-    logging.info("Waiting for checkpoints in %s.", model_dir)
+    if tf.train.latest_checkpoint(model_dir) is None:
+        logging.warning(
+            "mode=eval: no checkpoint in %s yet. Waiting up to %d s "
+            "(--eval_timeout_secs) for a training run writing to this "
+            "model_dir to save one; Ctrl-C stops waiting.",
+            model_dir,
+            timeout,
+        )
+    evaluated = 0
     for path in tf.train.checkpoints_iterator(
-        model_dir, min_interval_secs=1, timeout=EVAL_WAIT_SECONDS
+        model_dir, min_interval_secs=1, timeout=timeout
     ):
         ckpt.restore(path).expect_partial()
         step = int(optimizer.iterations.numpy())
         _evaluate_and_record(config, strategy, model, source, step, writer)
+        evaluated += 1
         if step >= total:
             return
+        logging.info(
+            "Evaluated step %d of %d; waiting up to %d s for the next "
+            "checkpoint in %s (Ctrl-C stops).",
+            step,
+            total,
+            timeout,
+            model_dir,
+        )
+    if not evaluated:
+        raise NothingEvaluatedError(
+            f"mode=eval: no checkpoint appeared in {model_dir} within "
+            f"{timeout} s (--eval_timeout_secs); nothing was evaluated. "
+            "Point --model_dir at a training run's directory, evaluate a "
+            "checkpoint with --checkpoint, or wait longer."
+        )
     logging.warning(
-        "No new checkpoint in %s for %d s; stopping.",
+        "No new checkpoint in %s for %d s; stopping before the last step (%d).",
         model_dir,
-        EVAL_WAIT_SECONDS,
+        timeout,
+        total,
     )
 
 
@@ -301,9 +333,26 @@ def _write_run_info(config, info, model) -> None:
     )
 
 
-def run(config: config_lib.Config) -> dict[str, float] | None:
-    """Runs `config.train.mode`; returns the last eval results, if any."""
+@dataclasses.dataclass(frozen=True)
+class RunSetup:
+    """What a run opens before it writes anything (`prepare`)."""
+
+    strategy: tf.distribute.Strategy
+    source: sources.Source
+
+
+def prepare(config: config_lib.Config) -> RunSetup:
+    """Builds the strategy, opens the data source once and makes every
+    check that could refuse the run, writing nothing.
+
+    `run.py` calls it before writing `flags.cfg`, so that a refused run
+    leaves its model_dir as it was (`preflight`).
+
+    Raises:
+      ConfigError: a check failed (one line: the value and the fix).
+    """
     logging.info("simclr_tf %s", simclr_tf.__version__)
+    # First: a MultiWorkerMirroredStrategy must exist before any op runs.
     strategy = distribute.build_strategy(config.runtime)
     distribute.check_batch_divisible(
         "train_batch_size", config.train.train_batch_size, strategy
@@ -311,8 +360,24 @@ def run(config: config_lib.Config) -> dict[str, float] | None:
     if config.data.seed is not None:
         keras.utils.set_random_seed(config.data.seed)
     # The data source is opened (a folder scanned, a TFDS builder made)
-    # once here; everything below reads its info and records.
+    # once here; everything after reads its info and records.
     source = sources.open_source(config.data)
+    preflight.check_run(config, source)
+    check_initial_checkpoint(config, source.info)
+    return RunSetup(strategy, source)
+
+
+def run(
+    config: config_lib.Config, setup: RunSetup | None = None
+) -> dict[str, float] | None:
+    """Runs `config.train.mode`; returns the last eval results, if any.
+
+    Args:
+      config: the run config.
+      setup: `prepare(config)`'s result; None prepares here.
+    """
+    setup = setup or prepare(config)
+    strategy, source = setup.strategy, setup.source
     info = source.info
     model, optimizer = build_model_and_optimizer(config, strategy, info)
     chief = distribute.is_chief(strategy)

@@ -1,6 +1,7 @@
 """Tests of the command line: flags, recipes, flags.cfg replay, layering."""
 
 import ast
+import dataclasses
 import json
 import pathlib
 import subprocess
@@ -119,6 +120,26 @@ EXPECTED = {
         optimizer="lars",
         train_epochs=30,
     ),
+    # Your own images: pretraining only (no eval split or labels needed).
+    "own_images_small.cfg": dict(
+        mode="train",
+        train_mode="pretrain",
+        image_size=32,  # The CIFAR stem.
+        resnet_depth=18,
+        use_blur=False,
+        color_jitter_strength=0.5,
+        temperature=0.5,
+    ),
+    "own_images_imagenet.cfg": dict(
+        mode="train",
+        train_mode="pretrain",
+        image_size=224,
+        resnet_depth=50,
+        use_blur=True,
+        color_jitter_strength=1.0,
+        learning_rate_scaling="sqrt",
+        temperature=0.1,
+    ),
     "smoke.cfg": dict(
         resnet_depth=18,
         image_size=32,
@@ -201,6 +222,29 @@ def test_helpfull_lists_all_reference_flags():
         assert f"--{name}" in out or f"--[no]{name}" in out, name
 
 
+@pytest.mark.parametrize("arg", ["--help", "-?"])
+def test_help_lists_our_flags_by_group(arg):
+    result = _run_py(arg)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    # Each group's heading, then each of its flags, in config order.
+    position = -1
+    for group_name, group in config_lib.GROUPS.items():
+        heading = out.index(f"\n{group_name} flags: ")
+        assert heading > position, group_name
+        position = heading
+        for f in dataclasses.fields(group):
+            shown = f"--[no]{f.name}:" if f.type == "bool" else f"--{f.name}:"
+            found = out.index(shown, position)
+            assert found > position, f.name
+            position = found
+    assert "--[no]use_blur: Gaussian blur" in out
+    assert "--train_batch_size: Global training batch size" in out
+    assert "(default: '512')" in out
+    # Not absl's own flags: those are --helpfull's.
+    assert "--[no]alsologtostderr" not in out
+
+
 def test_only_check_args_on_smoke_recipe():
     result = _run_py("--flagfile=flags/smoke.cfg", "--only_check_args")
     assert result.returncode == 0, result.stderr
@@ -240,6 +284,7 @@ def test_data_error_after_parsing_is_one_line(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "no_such_folder" in result.stderr
     assert "Traceback" not in result.stderr
+    assert not list(tmp_path.iterdir())  # Refused before writing.
 
 
 def test_flags_file_of_a_config_is_what_absl_serializes(tmp_path):

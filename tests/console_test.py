@@ -66,21 +66,39 @@ def test_device_probe_prints_no_cuinit_error_without_a_driver():
     assert CUINIT not in result.stderr
 
 
+def _image_folder(root: Path, classes: int, per_class: int) -> Path:
+    for label in range(classes):
+        folder = root / "train" / str(label)
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.full((8, 8), 10 * i % 256, np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
 @pytest.mark.slow
 def test_run_logs_where_the_flags_are_instead_of_listing_them(tmp_path):
     model_dir = tmp_path / "run"
+    images = _image_folder(tmp_path / "images", 2, 4)
+    # mode=eval with nothing to evaluate passes every pre-write check,
+    # writes and logs the flags, then stops at once (exit status 2).
     result = _python(
         "",
         "run.py",
+        "--flagfile=flags/smoke.cfg",
         f"--model_dir={model_dir}",
-        f"--dataset=folder:{tmp_path / 'missing'}",
+        f"--dataset=folder:{images}",
+        "--eval_split=train",
+        "--mode=eval",
+        "--eval_timeout_secs=0",
     )
-    # The dataset does not exist: the run stops after the flags are
-    # written and logged, and after the devices are initialised (under
-    # absl.app, already by the first import of TensorFlow).
     assert result.returncode == 2, result.stderr[-2000:]
+    assert "nothing was evaluated" in result.stderr
+    # Said at once: what it waits for, where, and how to stop waiting.
+    assert f"no checkpoint in {model_dir} yet" in result.stderr
+    assert "--eval_timeout_secs" in result.stderr
     flags_cfg = (model_dir / "flags.cfg").read_text()
-    assert "--resnet_depth=50" in flags_cfg
+    assert "--resnet_depth=18" in flags_cfg
     assert str(model_dir / "flags.cfg") in result.stderr
     assert "--resnet_depth" not in result.stderr
     if not devices.cuda_driver_present():
@@ -91,12 +109,7 @@ def test_run_logs_where_the_flags_are_instead_of_listing_them(tmp_path):
 def test_augmentation_summary_discards_no_partial_cache(tmp_path):
     # More images than the summary's shuffle buffer (8 x 50): a cached
     # pipeline would be read in part and warn when discarded.
-    for label in range(3):
-        folder = tmp_path / "images" / "train" / str(label)
-        folder.mkdir(parents=True)
-        for i in range(150):
-            pixels = np.full((8, 8), 10 * i % 256, np.uint8)
-            Image.fromarray(pixels).save(folder / f"{i}.png")
+    _image_folder(tmp_path / "images", 3, 150)
     code = (
         "import gc, sys\n"
         "from simclr_tf import config, experiment\n"

@@ -139,7 +139,7 @@ def _digest(image) -> str:
 
 
 def test_folder_info_holdout_and_skipped_files(class_folder, caplog):
-    caplog.set_level(logging.WARNING)
+    caplog.set_level(logging.INFO)
     data = _data(class_folder, holdout_fraction=0.2, eval_split="val")
     source = sources.open_source(data)
     info = source.info
@@ -155,6 +155,20 @@ def test_folder_info_holdout_and_skipped_files(class_folder, caplog):
         r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()
     ]
     assert len(warnings) == 1 and "Skipped 2 unreadable" in warnings[0]
+    # One summary line of what the scan found.
+    (summary,) = [
+        r.getMessage()
+        for r in caplog.records
+        if r.getMessage().startswith("Image folder")
+    ]
+    assert "2 classes (ant, bee)" in summary
+    assert f"train {info.num_train_examples}, val {info.num_eval_examples}" in (
+        summary
+    )
+    assert (
+        "(one folder)" in summary
+        and "files skipped (do not decode): 2" in summary
+    )
     # The folder is scanned once, when opened: reading its info again and
     # building pipelines of both splits reports nothing more.
     assert source.info == info
@@ -379,7 +393,7 @@ def test_flat_folder_is_unlabeled_pretraining_only(tmp_path):
     data = _data(root)
     info = sources.open_source(data).info
     assert info.num_classes is None and info.num_train_examples == 6
-    assert info.num_eval_examples == 0  # No eval split: a warning only.
+    assert info.num_eval_examples == 0  # No eval split: training only.
     x, y = _batches(
         _build(data, batch_size=4, is_training=True, pretrain=True), 1
     )[0]
@@ -558,9 +572,19 @@ def test_preview_script_writes_a_png(class_folder, tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    png = tf.io.decode_png(tf.io.read_file(str(output)))
-    # 3 rows and 3 columns of 24 px tiles with 2 px borders.
-    assert png.shape == (3 * 28, 3 * 28, 3)
+    sys.path.insert(0, os.path.dirname(script))
+    import plot_run
+
+    # The labelled grid of plot_run.plot_augmentations: 3 rows (images) of
+    # an original and 2 views, at the script's figure size and resolution.
+    width, height = plot_run.augmentation_figsize(3, 2)
+    png = tf.io.decode_png(tf.io.read_file(str(output))).numpy()
+    assert png.shape[:2] == (
+        round(plot_run.DPI * height),
+        round(plot_run.DPI * width),
+    )
+    # Not a blank canvas: the tiles hold images, not only the background.
+    assert len(np.unique(png[..., :3].reshape(-1, 3), axis=0)) > 100
 
 
 # --------------------------------------------------------------------------

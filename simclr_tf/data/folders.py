@@ -14,7 +14,8 @@ split with images and no class subfolders is unlabeled (pretraining only).
 
 `FolderSource` scans the folder once, when it is opened: lists, labels and
 splits the files, decodes each once to drop unreadable ones (reported in
-one warning), and warns about classes missing from the eval split.
+one warning), warns about classes missing from the eval split, and logs
+one summary line (`describe`): classes, images per split, files skipped.
 """
 
 from __future__ import annotations
@@ -232,6 +233,25 @@ def _check_folder(root, split_dirs, classes, raw, eval_split) -> Folder:
     return Folder(root, split_dirs, classes, splits, len(bad))
 
 
+def describe(folder: Folder) -> str:
+    """One line saying what a scan found: classes, images per split,
+    skipped files (logged when a folder is opened)."""
+    classes = folder.class_names
+    if classes is None:
+        kinds = "unlabelled (no class subfolders: pretraining only)"
+    else:
+        shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+        kinds = f"{len(classes)} classes ({shown})"
+    sizes = ", ".join(
+        f"{name} {len(paths):,}" for name, (paths, _) in folder.splits.items()
+    )
+    layout = "split subfolders" if folder.has_split_dirs else "one folder"
+    return (
+        f"Image folder {folder.root}: {kinds}; images per split ({layout}): "
+        f"{sizes}; files skipped (do not decode): {folder.num_skipped}."
+    )
+
+
 class FolderSource(sources.Source):
     """An image folder, scanned once when opened (see the module docstring).
 
@@ -252,6 +272,7 @@ class FolderSource(sources.Source):
             data.eval_split,
             data.holdout_fraction,
         )
+        logging.info("%s", describe(self.folder))
         classes = self.folder.class_names
 
         def count(split):

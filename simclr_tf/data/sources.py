@@ -76,12 +76,14 @@ def decode_image(encoded: tf.Tensor) -> tf.Tensor:
 
 
 def eval_split_size(count: Callable[[str], int], split: str) -> int:
-    """`count(split)`, or 0 with a warning when the split cannot be read:
-    pretraining needs no eval split, and asking for its records raises."""
+    """`count(split)`, or 0 (logged) when the split cannot be read:
+    training needs no eval split, and asking for its records raises. A run
+    that evaluates refuses at its start without one
+    (`preflight.check_eval_data`), so this is no warning."""
     try:
         return count(split)
     except DatasetError as e:
-        logging.warning("No eval split: %s", e)
+        logging.info("No eval split (only evaluation needs one): %s", e)
         return 0
 
 
@@ -345,9 +347,10 @@ class TfdsSource(Source):
 def open_source(data: config_lib.DataConfig) -> Source:
     """Opens the source `data.dataset` names: reads its info once.
 
-    A missing eval split is not an error here (pretraining does not need
-    one): it gives `num_eval_examples=0` and a warning, and reading its
-    records raises.
+    A missing eval split is not an error here (training does not need
+    one): it gives `num_eval_examples=0` (logged), and reading its records
+    raises; a run that evaluates checks for it before it starts
+    (`preflight`).
 
     Args:
       data: the data config.

@@ -50,6 +50,35 @@ def resolve_checkpoint_path(path: str) -> str:
     return path
 
 
+def architecture_differences(
+    theirs: dict, config: config_lib.Config, where: str
+) -> list[str]:
+    """The architecture fields (and the stem) where another run's config
+    differs from `config`.
+
+    Args:
+      theirs: the other run's `config.json` (flag name -> value).
+      config: this run's config.
+      where: how messages name the other run, e.g. "in the checkpoint".
+
+    Returns:
+      One "name=theirs {where} vs ours here" per difference.
+    """
+    ours = config_lib.to_flat(config)
+    diffs = [
+        f"{name}={theirs[name]!r} {where} vs {ours[name]!r} here"
+        for name in ARCHITECTURE_FIELDS
+        if name in theirs and theirs[name] != ours[name]
+    ]
+    size = config.data.image_size
+    their_size = theirs.get("image_size", size)
+    if config_lib.use_cifar_stem(their_size) != config_lib.use_cifar_stem(size):
+        diffs.append(
+            f"image_size={their_size} {where} vs {size} here (a different stem)"
+        )
+    return diffs
+
+
 def check_compatible(config: config_lib.Config, checkpoint_path: str) -> None:
     """Compares the architecture with the source run's `config.json`.
 
@@ -61,24 +90,13 @@ def check_compatible(config: config_lib.Config, checkpoint_path: str) -> None:
         return
     with tf.io.gfile.GFile(source) as f:
         theirs = json.load(f)
-    ours = config_lib.to_flat(config)
-    diffs = [
-        f"{name}={theirs[name]!r} in the checkpoint vs {ours[name]!r} here"
-        for name in ARCHITECTURE_FIELDS
-        if name in theirs and theirs[name] != ours[name]
-    ]
-    if config_lib.use_cifar_stem(
-        theirs.get("image_size", config.data.image_size)
-    ) != config_lib.use_cifar_stem(config.data.image_size):
-        diffs.append(
-            f"image_size={theirs['image_size']} in the checkpoint vs "
-            f"{config.data.image_size} here (a different stem)"
-        )
+    diffs = architecture_differences(theirs, config, "in the checkpoint")
     if diffs:
         raise CheckpointError(
             f"Checkpoint {checkpoint_path} does not fit this model: "
             + "; ".join(diffs)
-            + ". Use the same flags as the run that wrote it."
+            + ". Use the same flags as the run that wrote it, or another "
+            "--checkpoint."
         )
 
 
