@@ -1,6 +1,7 @@
 """Tests of the distillation mode: the objective against NumPy, a frozen
 teacher, 2 replicas = 1 replica, teacher loading, smoke runs, bad input."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -462,3 +463,52 @@ def test_run_py_exits_2_on_a_bad_teacher_and_writes_nothing(tmp_path):
     assert "run.py: error: Received: teacher=" in result.stderr
     assert "does not exist" in result.stderr
     assert not model_dir.exists()
+
+
+# --------------------------------------------------------------------------
+# Reference teachers (fixtures in the reference layout, tests/interop_test).
+
+
+def test_reference_saved_model_teacher_reads_the_tensor_its_function_does(
+    tmp_path,
+):
+    from tests import reference_layout as rl
+
+    # Narrow ResNet-18: projection-head tensors 64, 64, 64 wide, so the
+    # shapes do not say which one the supervised head reads.
+    arch = rl.Arch(18, 1, False, 0.0, True, 10, True, base=8)
+    variables = rl.layout(arch)
+    values = rl.random_values(variables, seed=3)
+    directory = tmp_path / "saved_model" / "700"
+    rl.write_saved_model(arch, variables, values, str(directory))
+    spec = teacher_lib.check(str(tmp_path / "saved_model"), 10)
+    assert len(spec.selectors) > 1
+    teacher = teacher_lib.load(str(tmp_path), tf.distribute.get_strategy())
+    images = tf.random.stateless_uniform((3, 16, 16, 3), seed=(4, 5))
+    loaded = tf.saved_model.load(str(directory))
+    want = loaded(images, trainable=False)["logits_sup"].numpy()
+    got = teacher(images).numpy()
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() <= 1e-5 * scale
+
+
+def test_reference_checkpoint_teacher_matches_the_reference_forward(
+    tmp_path,
+):
+    from tests import reference_forward
+    from tests import reference_layout as rl
+
+    # One projection layer (64 -> 16): only the encoder output fits the
+    # 64-wide supervised head, as the reference forward pass reads it.
+    arch = rl.Arch(18, 1, False, 0.0, True, 7, True, base=8)
+    arch = dataclasses.replace(arch, proj_layers=1, proj_out=16)
+    variables = rl.layout(arch)
+    values = rl.random_values(variables, seed=4)
+    prefix = rl.write_checkpoint(variables, values, str(tmp_path / "r"), 9)
+    teacher = teacher_lib.load(prefix, tf.distribute.get_strategy())
+    assert teacher.num_classes == 7
+    images = tf.random.stateless_uniform((3, 16, 16, 3), seed=(6, 7))
+    want = reference_forward.forward(arch, values, images)["logits_sup"]
+    got = teacher(images).numpy()
+    scale = np.abs(want.numpy()).max()
+    assert np.abs(got - want.numpy()).max() <= 1e-5 * scale
