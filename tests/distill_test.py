@@ -154,7 +154,9 @@ def _teacher(teacher_weights):
     return teacher_lib.Teacher(model, spec)
 
 
-def _one_step(strategy, config, weights, teacher_weights, images, steps=1):
+def _one_step(
+    strategy, config, weights, teacher_weights, images, steps=1, chunk=0
+):
     with strategy.scope():
         model = factory.build_model(config, CLASSES)
         model.set_weights(weights)
@@ -168,7 +170,9 @@ def _one_step(strategy, config, weights, teacher_weights, images, steps=1):
         )
         optimizer.build(model.trainable_variables)
     obj = factory.build_objective(config, model, teacher, labelled=False)
-    replica_step = step_lib.make_replica_step(model, optimizer, obj)
+    replica_step = step_lib.make_replica_step(
+        model, optimizer, obj, grad_cache_chunk_size=chunk
+    )
     n = strategy.num_replicas_in_sync
     per = GLOBAL_BATCH // n
 
@@ -219,6 +223,21 @@ def test_two_replicas_distill_like_one_on_the_global_batch():
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
         changed += not np.array_equal(a, before)
     assert changed > len(init) // 2
+
+
+def test_gradient_caching_passes_the_teacher_logits_through():
+    # One chunk of the whole batch: the same batch-norm statistics as the
+    # plain step, so the two must agree (the teacher logits reach the
+    # cached loss whole).
+    config, images, init, tw = _inputs()
+    one = tf.distribute.OneDeviceStrategy("/CPU:0")
+    (plain,), m1, _, _ = _one_step(one, config, init, tw, images)
+    (cached,), m2, _, _ = _one_step(
+        one, config, init, tw, images, chunk=GLOBAL_BATCH
+    )
+    np.testing.assert_allclose(cached, plain, rtol=1e-6)
+    for a, b in zip(m1.get_weights(), m2.get_weights(), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
 
 def test_teacher_is_frozen_and_not_in_the_student_checkpoint(tmp_path):
