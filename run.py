@@ -55,7 +55,8 @@ def main(argv: list[str]) -> None:
     from simclr_tf import experiment
 
     try:
-        # Strategy, data source and every check that can refuse the run,
+        # Strategy, data source and every check that can refuse the run
+        # (data, model_dir, --checkpoint, --teacher),
         # before any file is written to model_dir.
         setup = experiment.prepare(config)
     except ConfigError as e:

@@ -19,6 +19,7 @@ import simclr_tf
 from simclr_tf import config as config_lib
 from simclr_tf import distribute, evaluation, export, health, optim, preflight
 from simclr_tf import run_info as run_info_lib
+from simclr_tf import teacher as teacher_lib
 from simclr_tf.data import input_pipeline, sources
 from simclr_tf.models import factory
 from simclr_tf.training import checkpoints, trainer
@@ -145,10 +146,45 @@ def _export(config, model, info, step, chief) -> None:
         export.export_run(config, model, info, step)
 
 
-def _evaluate_and_record(config, strategy, model, source, step, writer):
+def check_teacher(config: config_lib.Config, info: sources.DatasetInfo) -> None:
+    """Fails before anything is written to model_dir when `--teacher`
+    cannot teach this run: missing, unreadable, without a supervised head,
+    or with classes other than the dataset's (a labelled one).
+
+    Raises:
+      ConfigError: one line naming the problem and its fix.
+    """
+    if config.train.train_mode != "distill":
+        return
+    if config.train.distill_alpha < 1.0 and not info.labelled:
+        raise config_lib.ConfigError(
+            f"Received: distill_alpha={config.train.distill_alpha} on "
+            f"{config.data.dataset!r}, which has no labels. The labelled "
+            "term needs labels: use --distill_alpha=1 or a labelled dataset."
+        )
+    teacher_lib.check(config.train.teacher, info.num_classes)
+
+
+def _teacher_results(config, strategy, teacher, source) -> dict:
+    """The teacher's top-1/top-5 on the eval split (labelled data only)."""
+    if teacher is None or not source.info.labelled:
+        return {}
+    top1, top5 = evaluation.linear_accuracy(
+        config, strategy, teacher.model, source
+    )
+    return {
+        "eval/teacher_top_1_accuracy": top1,
+        "eval/teacher_top_5_accuracy": top5,
+    }
+
+
+def _evaluate_and_record(
+    config, strategy, model, source, step, writer, teacher_results=None
+):
     """Evaluates, then (on the chief: `writer` given) writes the results
     and exports the evaluated model."""
     results = evaluation.evaluate(config, strategy, model, source, step)
+    results.update(teacher_results or {})
     if writer is not None:
         evaluation.write_results(config, results, writer)
         _export(config, model, source.info, step, chief=True)
@@ -159,7 +195,9 @@ class NothingEvaluatedError(config_lib.ConfigError):
     """mode=eval found no checkpoint to evaluate before its timeout."""
 
 
-def _eval_checkpoints(config, strategy, model, optimizer, source, writer):
+def _eval_checkpoints(
+    config, strategy, model, optimizer, source, writer, teacher_results
+):
     """mode=eval: evaluates each new checkpoint until the last step's.
 
     Raises:
@@ -173,7 +211,9 @@ def _eval_checkpoints(config, strategy, model, optimizer, source, writer):
         and config.train.checkpoint
     ):
         checkpoints.restore_initial_weights(model, config)
-        _evaluate_and_record(config, strategy, model, source, 0, writer)
+        _evaluate_and_record(
+            config, strategy, model, source, 0, writer, teacher_results
+        )
         return
     timeout = config.eval.eval_timeout_secs
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer)
@@ -191,7 +231,9 @@ def _eval_checkpoints(config, strategy, model, optimizer, source, writer):
     ):
         ckpt.restore(path).expect_partial()
         step = int(optimizer.iterations.numpy())
-        _evaluate_and_record(config, strategy, model, source, step, writer)
+        _evaluate_and_record(
+            config, strategy, model, source, step, writer, teacher_results
+        )
         evaluated += 1
         if step >= total:
             return
@@ -238,6 +280,7 @@ def _preview_images(
         is_training=True,
         pretrain=pretrain,
         num_views=num_views,
+        need_labels=False,  # Only the images are shown.
     )
     images, _ = next(iter(dataset))
     return images
@@ -267,9 +310,11 @@ def train(
     source: sources.Source,
     chief: bool = True,
     writer: tf.summary.SummaryWriter | None = None,
+    teacher: teacher_lib.Teacher | None = None,
 ) -> int:
     """Restores (latest checkpoint, else `--checkpoint`), then trains on
-    `source` (its training split, `model.num_views` views per image).
+    `source` (its training split, `model.num_views` views per image; when
+    distilling, against `teacher`).
 
     Returns:
       The final step.
@@ -297,9 +342,12 @@ def train(
             pretrain=pretrain,
             num_views=model.num_views,
             start_batch=start_batch,
+            need_labels=t.train_mode == "finetune",
         )
 
-    objective = factory.build_objective(config, model)
+    objective = factory.build_objective(
+        config, model, teacher, labelled=source.info.labelled
+    )
     ctx = trainer.TrainContext(
         strategy,
         model,
@@ -364,6 +412,7 @@ def prepare(config: config_lib.Config) -> RunSetup:
     source = sources.open_source(config.data)
     preflight.check_run(config, source)
     check_initial_checkpoint(config, source.info)
+    check_teacher(config, source.info)
     return RunSetup(strategy, source)
 
 
@@ -379,6 +428,16 @@ def run(
     setup = setup or prepare(config)
     strategy, source = setup.strategy, setup.source
     info = source.info
+    teacher = None
+    if config.train.train_mode == "distill":
+        # Loaded once, float32, inside the strategy; not in checkpoints.
+        teacher = teacher_lib.load(config.train.teacher, strategy)
+        # The student's head has the teacher's classes.
+        info = dataclasses.replace(
+            info,
+            num_classes=teacher.num_classes,
+            class_names=teacher.class_names or info.class_names,
+        )
     model, optimizer = build_model_and_optimizer(config, strategy, info)
     chief = distribute.is_chief(strategy)
     if chief:
@@ -388,15 +447,27 @@ def run(
         tf.summary.create_file_writer(config.train.model_dir) if chief else None
     )
     mode = config.train.mode
+    teacher_results = {}
+    if mode != "train":
+        teacher_results = _teacher_results(config, strategy, teacher, source)
     if mode == "eval":
-        _eval_checkpoints(config, strategy, model, optimizer, source, writer)
+        _eval_checkpoints(
+            config, strategy, model, optimizer, source, writer, teacher_results
+        )
         return None
     step = train(
-        config, strategy, model, optimizer, source, chief=chief, writer=writer
+        config,
+        strategy,
+        model,
+        optimizer,
+        source,
+        chief=chief,
+        writer=writer,
+        teacher=teacher,
     )
     if mode == "train_then_eval":  # Exports after the evaluation.
         return _evaluate_and_record(
-            config, strategy, model, source, step, writer
+            config, strategy, model, source, step, writer, teacher_results
         )
     _export(config, model, info, step, chief)
     return None

@@ -71,7 +71,7 @@ def _head_difference(
 ) -> list[str]:
     """Whether one run has a supervised head and the other not."""
     had = num_classes is not None and (
-        theirs.get("train_mode") == "finetune"
+        theirs.get("train_mode", "pretrain") != "pretrain"
         or bool(theirs.get("lineareval_while_pretraining"))
     )
     has = factory.has_supervised_head(config, num_classes)
