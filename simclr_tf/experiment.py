@@ -123,7 +123,8 @@ def check_initial_checkpoint(config: config_lib.Config) -> None:
     holds a checkpoint to resume from).
 
     It opens the data source for its class count (a second opening, before
-    `run` opens it; only when there is a checkpoint to check).
+    `run` opens it; only when there is a checkpoint to check), without the
+    label fraction, whose subset would cost a pass over a TFDS split.
 
     Raises:
       CheckpointError: see `checkpoints.check_initial_checkpoint`.
@@ -133,7 +134,8 @@ def check_initial_checkpoint(config: config_lib.Config) -> None:
         model_dir and tf.train.latest_checkpoint(model_dir)
     ):
         return
-    info = sources.open_source(config.data).info
+    data = dataclasses.replace(config.data, label_fraction=1.0)
+    info = sources.open_source(data).info
     checkpoints.check_initial_checkpoint(config, info.num_classes)
 
 
