@@ -48,9 +48,11 @@ def main(argv: list[str]) -> None:
     from simclr_tf import experiment
 
     try:
-        # A --checkpoint that cannot initialise the run fails before any
-        # file is written to model_dir.
+        # A --checkpoint that cannot initialise the run, or a --teacher
+        # that cannot teach it, fails before any file is written to
+        # model_dir.
         experiment.check_initial_checkpoint(config)
+        experiment.check_teacher(config)
     except ConfigError as e:
         sys.stderr.write(f"run.py: error: {e}\n")
         sys.exit(2)

@@ -19,7 +19,7 @@ import os
 from typing import Any
 
 MODES = ("train", "eval", "train_then_eval")
-TRAIN_MODES = ("pretrain", "finetune")
+TRAIN_MODES = ("pretrain", "finetune", "distill")
 OPTIMIZERS = ("momentum", "adam", "lars")
 LR_SCALINGS = ("linear", "sqrt")
 # Equal to `models.heads.PROJ_HEAD_MODES` and the depths of
@@ -350,7 +350,10 @@ class TrainConfig:
     train_mode: str = _field(
         "pretrain",
         "pretrain: contrastive pretraining; finetune: supervised "
-        "fine-tuning or linear evaluation (with fine_tune_after_block=4).",
+        "fine-tuning or linear evaluation (with fine_tune_after_block=4); "
+        "distill: train a student on the soft labels of --teacher "
+        "(SimCLRv2 distillation; the training split's labels are not "
+        "needed).",
         TRAIN_MODES,
     )
     lineareval_while_pretraining: bool = _field(
@@ -405,6 +408,24 @@ class TrainConfig:
         None,
         "Directory for checkpoints, TensorBoard events, results and exports.",
     )
+    teacher: str | None = _field(
+        None,
+        "train_mode=distill: the teacher, a model with a supervised head: "
+        "our run directory, one of our checkpoints (ckpt-N prefix), our "
+        "SavedModel export (saved_model/<step>), or a reference TF2 "
+        "checkpoint or SavedModel (the released SimCLRv2 models).",
+    )
+    distill_temperature: float = _field(
+        1.0,
+        "train_mode=distill: temperature T of the distillation loss "
+        "T^2 * CE(softmax(teacher / T), student / T) (> 0; the paper's 1).",
+    )
+    distill_alpha: float = _field(
+        1.0,
+        "train_mode=distill: weight of the distillation term, in [0, 1]; "
+        "the loss is (1 - alpha) * CE(labels, student) + alpha * "
+        "distillation (1 = distillation only, no labels needed).",
+    )
 
     def __post_init__(self) -> None:
         _check_choices(self)
@@ -432,10 +453,42 @@ class TrainConfig:
             "grad_cache_chunk_size",
             "keep_hub_module_max",
         )
+        self._check_distill()
         _check(
             self.train_steps > 0 or self.train_epochs > 0,
             "Received: train_steps=0 and train_epochs=0. Set a positive "
             "--train_steps or --train_epochs.",
+        )
+
+    def _check_distill(self) -> None:
+        distill = self.train_mode == "distill"
+        _check(
+            distill or self.teacher is None,
+            f"Received: teacher={self.teacher!r} with "
+            f"train_mode={self.train_mode}. A teacher is used only when "
+            "distilling: add --train_mode=distill or drop --teacher.",
+        )
+        _check(
+            not distill or bool(self.teacher),
+            "Received: train_mode=distill without --teacher. Pass "
+            "--teacher=<run dir | checkpoint | SavedModel> of a model with "
+            "a supervised head (e.g. a fine-tuned run).",
+        )
+        _check(
+            not (distill and self.fine_tune_after_block > -1),
+            f"Received: fine_tune_after_block={self.fine_tune_after_block} "
+            "with train_mode=distill. The student trains all its layers: "
+            "use --fine_tune_after_block=-1.",
+        )
+        _check(
+            0.0 <= self.distill_alpha <= 1.0,
+            f"Received: distill_alpha={self.distill_alpha}. Use a value in "
+            "[0, 1] (1 = distillation only).",
+        )
+        _check(
+            self.distill_temperature > 0,
+            f"Received: distill_temperature={self.distill_temperature}. "
+            "--distill_temperature must be > 0 (the paper uses 1.0).",
         )
 
 

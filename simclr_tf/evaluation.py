@@ -281,8 +281,12 @@ def evaluate(
     """
     results: dict[str, float] = {"global_step": step}
     labelled = source.info.labelled
+    head = model.supervised_head
+    # The head's classes: a distilled student's are its teacher's, also on
+    # unlabelled data.
+    num_classes = head.num_classes if head is not None else None
     with strategy.scope():
-        model = export.float32_copy(config, model, source.info.num_classes)
+        model = export.float32_copy(config, model, num_classes)
     if labelled and model.supervised_head is not None:
         top1, top5 = linear_accuracy(config, strategy, model, source)
         results["eval/label_top_1_accuracy"] = top1

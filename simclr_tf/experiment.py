@@ -19,6 +19,7 @@ import simclr_tf
 from simclr_tf import config as config_lib
 from simclr_tf import distribute, evaluation, export, optim
 from simclr_tf import run_info as run_info_lib
+from simclr_tf import teacher as teacher_lib
 from simclr_tf.data import input_pipeline, sources
 from simclr_tf.models import factory
 from simclr_tf.training import checkpoints, trainer
@@ -139,14 +140,53 @@ def check_initial_checkpoint(config: config_lib.Config) -> None:
     checkpoints.check_initial_checkpoint(config, info.num_classes)
 
 
-def _evaluate_and_record(config, strategy, model, source, step, writer):
+def check_teacher(config: config_lib.Config) -> None:
+    """Fails before anything is written to model_dir when `--teacher`
+    cannot teach this run: missing, unreadable, without a supervised head,
+    or with classes other than the dataset's (a labelled one). It opens
+    the data source for its labels (a second opening, distillation only).
+
+    Raises:
+      ConfigError: one line naming the problem and its fix.
+    """
+    if config.train.train_mode != "distill":
+        return
+    info = sources.open_source(config.data).info
+    if config.train.distill_alpha < 1.0 and not info.labelled:
+        raise config_lib.ConfigError(
+            f"Received: distill_alpha={config.train.distill_alpha} on "
+            f"{config.data.dataset!r}, which has no labels. The labelled "
+            "term needs labels: use --distill_alpha=1 or a labelled dataset."
+        )
+    teacher_lib.check(config.train.teacher, info.num_classes)
+
+
+def _teacher_results(config, strategy, teacher, source) -> dict:
+    """The teacher's top-1/top-5 on the eval split (labelled data only)."""
+    if teacher is None or not source.info.labelled:
+        return {}
+    top1, top5 = evaluation.linear_accuracy(
+        config, strategy, teacher.model, source
+    )
+    return {
+        "eval/teacher_top_1_accuracy": top1,
+        "eval/teacher_top_5_accuracy": top5,
+    }
+
+
+def _evaluate_and_record(
+    config, strategy, model, source, step, writer, teacher_results=None
+):
     results = evaluation.evaluate(config, strategy, model, source, step)
+    results.update(teacher_results or {})
     if writer is not None:
         evaluation.write_results(config, results, writer)
     return results
 
 
-def _eval_checkpoints(config, strategy, model, optimizer, source, writer):
+def _eval_checkpoints(
+    config, strategy, model, optimizer, source, writer, teacher_results
+):
     """mode=eval: evaluates each new checkpoint until the last step's."""
     model_dir = config.train.model_dir
     total = total_steps(config, source.info.num_train_examples)
@@ -155,7 +195,9 @@ def _eval_checkpoints(config, strategy, model, optimizer, source, writer):
         and config.train.checkpoint
     ):
         checkpoints.restore_initial_weights(model, config)
-        _evaluate_and_record(config, strategy, model, source, 0, writer)
+        _evaluate_and_record(
+            config, strategy, model, source, 0, writer, teacher_results
+        )
         return
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer)
     logging.info("Waiting for checkpoints in %s.", model_dir)
@@ -164,7 +206,9 @@ def _eval_checkpoints(config, strategy, model, optimizer, source, writer):
     ):
         ckpt.restore(path).expect_partial()
         step = int(optimizer.iterations.numpy())
-        _evaluate_and_record(config, strategy, model, source, step, writer)
+        _evaluate_and_record(
+            config, strategy, model, source, step, writer, teacher_results
+        )
         if step >= total:
             return
     logging.warning(
@@ -207,9 +251,11 @@ def train(
     source: sources.Source,
     chief: bool = True,
     writer: tf.summary.SummaryWriter | None = None,
+    teacher: teacher_lib.Teacher | None = None,
 ) -> int:
     """Restores (latest checkpoint, else `--checkpoint`), then trains on
-    `source` (its training split, `model.num_views` views per image).
+    `source` (its training split, `model.num_views` views per image; when
+    distilling, against `teacher`).
 
     Returns:
       The final step.
@@ -237,13 +283,16 @@ def train(
             pretrain=pretrain,
             num_views=model.num_views,
             start_batch=start_batch,
+            need_labels=t.train_mode == "finetune",
         )
 
     ctx = trainer.TrainContext(
         strategy,
         model,
         optimizer,
-        factory.build_objective(config, model),
+        factory.build_objective(
+            config, model, teacher, labelled=source.info.labelled
+        ),
         ckpt,
         chief,
         writer,
@@ -282,6 +331,17 @@ def run(config: config_lib.Config) -> dict[str, float] | None:
     # once here; everything below reads its info and records.
     source = sources.open_source(config.data)
     info = source.info
+    teacher = None
+    if config.train.train_mode == "distill":
+        # Loaded once, float32, inside the strategy; not in checkpoints.
+        teacher_lib.check(config.train.teacher, info.num_classes)
+        teacher = teacher_lib.load(config.train.teacher, strategy)
+        # The student's head has the teacher's classes.
+        info = dataclasses.replace(
+            info,
+            num_classes=teacher.num_classes,
+            class_names=teacher.class_names or info.class_names,
+        )
     model, optimizer = build_model_and_optimizer(config, strategy, info)
     chief = distribute.is_chief(strategy)
     if chief:
@@ -291,16 +351,28 @@ def run(config: config_lib.Config) -> dict[str, float] | None:
         tf.summary.create_file_writer(config.train.model_dir) if chief else None
     )
     mode = config.train.mode
+    teacher_results = {}
+    if mode != "train":
+        teacher_results = _teacher_results(config, strategy, teacher, source)
     if mode == "eval":
-        _eval_checkpoints(config, strategy, model, optimizer, source, writer)
+        _eval_checkpoints(
+            config, strategy, model, optimizer, source, writer, teacher_results
+        )
         return None
     step = train(
-        config, strategy, model, optimizer, source, chief=chief, writer=writer
+        config,
+        strategy,
+        model,
+        optimizer,
+        source,
+        chief=chief,
+        writer=writer,
+        teacher=teacher,
     )
     if chief and config.train.keep_hub_module_max:
         export.export_run(config, model, info, step)
     if mode == "train_then_eval":
         return _evaluate_and_record(
-            config, strategy, model, source, step, writer
+            config, strategy, model, source, step, writer, teacher_results
         )
     return None

@@ -12,11 +12,17 @@ outputs it reads (`output_keys`, the only ones gradient caching keeps
 whole) and the metrics it returns (`metric_names`, a fixed order; the
 TensorBoard names of SPEC.md §7 without "train/").
 
-Two objectives exist: `ContrastiveObjective` (pretraining: NT-Xent, plus
-the linear head's cross-entropy when the model has one) and
-`SupervisedObjective` (fine-tuning). A new objective (e.g. distillation
-from a teacher) is one more class here with the same three members,
-chosen in `build_objective`.
+An objective may also need inputs the model does not produce: before the
+forward pass the step calls `objective.targets(images)` (outside the
+gradient tape, on the whole local batch) and adds the returned tensors to
+`outputs` (`{}` for all but distillation, whose teacher logits arrive as
+`outputs["teacher_logits"]`; gradient caching passes them through whole).
+
+Three objectives exist: `ContrastiveObjective` (pretraining: NT-Xent, plus
+the linear head's cross-entropy when the model has one),
+`SupervisedObjective` (fine-tuning) and `DistillationObjective` (SimCLRv2
+distillation from a teacher). A new objective is one more class here with
+the same members, chosen in `models.factory.build_objective`.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from simclr_tf import losses
 
 CONTRASTIVE_METRICS = ("contrast_loss", "contrast_acc", "contrast_entropy")
 SUPERVISED_METRICS = ("supervised_loss", "supervised_acc")
+DISTILL_METRICS = ("distill_loss", "teacher_agreement")
+TEACHER_LOGITS = "teacher_logits"
 TOTAL_METRICS = ("weight_decay", "total_loss")
 
 
@@ -92,6 +100,11 @@ class _DecayedObjective:
         """The metrics `__call__` returns, in a fixed order."""
         sup = SUPERVISED_METRICS if self.supervised else ()
         return [*self._own_metrics, *sup, *TOTAL_METRICS]
+
+    def targets(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
+        """Extra loss inputs computed from the local batch (none here)."""
+        del images
+        return {}
 
     def _finish(self, total, metrics, outputs, sup_labels):
         """Adds the supervised term and the weight decay to `total`."""
@@ -182,3 +195,93 @@ class SupervisedObjective(_DecayedObjective):
         """(total loss of one replica, {metric name: scalar})."""
         del replica_context  # No cross-replica term.
         return self._finish(tf.constant(0.0), {}, outputs, labels)
+
+
+class DistillationObjective(_DecayedObjective):
+    """SimCLRv2 distillation: the student learns a teacher's soft labels.
+
+    total = alpha * T^2 * CE(softmax(teacher / T), student / T)
+            + (1 - alpha) * CE(labels, student) + weight decay
+
+    (arXiv:2006.10029, eq. 3 for alpha = 1, the paper's setting; the
+    labelled term is its "combined with ground-truth labels" variant). The
+    teacher sees the student's augmented view; its logits come from
+    `targets` in float32 and receive no gradient. An unlabelled example of
+    a labelled source (all-zero one-hot) adds 0 to the labelled term.
+
+    Args:
+      teacher: `teacher(images) -> (n, classes)` float32 logits, run in
+        inference mode (`simclr_tf.teacher.Teacher`).
+      temperature: T > 0 of the distillation term.
+      alpha: weight of the distillation term, in [0, 1].
+      labelled: the training data has labels: the supervised metrics are
+        reported (and the labelled term is used when alpha < 1).
+      weight_decay: the coefficient of the loss's weight-decay term.
+      decayed_variables: the variables that term covers.
+
+    Raises:
+      ValueError: alpha < 1 without labels, alpha outside [0, 1] or
+        temperature <= 0.
+    """
+
+    _own_metrics = DISTILL_METRICS
+
+    def __init__(
+        self,
+        teacher,
+        temperature: float,
+        alpha: float,
+        labelled: bool,
+        weight_decay: float,
+        decayed_variables: Sequence,
+    ):
+        if not 0.0 <= alpha <= 1.0 or temperature <= 0:
+            raise ValueError(
+                f"Received: distill_alpha={alpha}, distill_temperature="
+                f"{temperature}. Use alpha in [0, 1] and temperature > 0."
+            )
+        if alpha < 1.0 and not labelled:
+            raise ValueError(
+                f"Received: distill_alpha={alpha} on data without labels. "
+                "The labelled term needs labels: use --distill_alpha=1."
+            )
+        super().__init__(labelled, weight_decay, decayed_variables)
+        self.teacher = teacher
+        self.temperature = temperature
+        self.alpha = alpha
+
+    @property
+    def output_keys(self) -> list[str]:
+        """The model outputs the loss reads: the student's logits."""
+        return ["logits_sup"]
+
+    def targets(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
+        """{"teacher_logits": (n, classes) float32}, no gradient."""
+        return {TEACHER_LOGITS: tf.stop_gradient(self.teacher(images))}
+
+    def __call__(
+        self,
+        outputs: dict[str, tf.Tensor],
+        labels: tf.Tensor,
+        replica_context: tf.distribute.ReplicaContext,
+    ) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+        """(total loss of one replica, {metric name: scalar})."""
+        del replica_context  # Per-example losses: no cross-replica term.
+        student = outputs["logits_sup"]  # (n, classes)
+        teacher = outputs[TEACHER_LOGITS]  # (n, classes) float32
+        distill = losses.distillation_loss(teacher, student, self.temperature)
+        agree = tf.equal(tf.argmax(student, axis=1), tf.argmax(teacher, axis=1))
+        metrics = {
+            "distill_loss": distill,
+            "teacher_agreement": tf.reduce_mean(tf.cast(agree, tf.float32)),
+        }
+        total = self.alpha * distill
+        if self.supervised:
+            sup_loss, sup_metrics = _supervised_terms(labels, student)
+            metrics.update(sup_metrics)
+            if self.alpha < 1.0:
+                total += (1.0 - self.alpha) * sup_loss
+        decay = weight_decay_loss(self.decayed_variables, self.weight_decay)
+        total += decay
+        metrics.update(weight_decay=decay, total_loss=total)
+        return total, metrics

@@ -119,6 +119,31 @@ EXPECTED = {
         optimizer="lars",
         train_epochs=30,
     ),
+    "imagenet_r50_distill_1pct.cfg": dict(
+        train_mode="distill",
+        dataset="imagenet2012",  # All training images, labels unused.
+        distill_temperature=1.0,
+        distill_alpha=1.0,
+        proj_head_mode="none",
+        resnet_depth=50,
+        optimizer="lars",
+        learning_rate=0.1,
+        learning_rate_scaling="sqrt",
+        weight_decay=1e-4,
+        train_batch_size=4096,
+        train_epochs=400,
+        warmup_epochs=20.0,  # 5% of the epochs, as pretraining.
+    ),
+    "imagenet_r50_distill_10pct.cfg": dict(
+        train_mode="distill",
+        dataset="imagenet2012",
+        distill_temperature=1.0,
+        distill_alpha=1.0,
+        proj_head_mode="none",
+        learning_rate=0.1,
+        learning_rate_scaling="sqrt",
+        train_epochs=400,
+    ),
     "smoke.cfg": dict(
         resnet_depth=18,
         image_size=32,
@@ -135,7 +160,9 @@ def test_every_recipe_is_checked():
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_recipe_parses_into_valid_config(recipe):
-    flat = config_lib.to_flat(_parse(f"--flagfile={recipe}"))
+    # A distillation recipe needs the user's teacher, as model_dir.
+    extra = ["--teacher=/tmp/teacher"] if "distill" in recipe.name else []
+    flat = config_lib.to_flat(_parse(f"--flagfile={recipe}", *extra))
     expected = EXPECTED.get(recipe.name, {})
     assert {k: flat[k] for k in expected} == expected
 

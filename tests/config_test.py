@@ -18,7 +18,7 @@ def _config(**flat):
     "flat, fragment",
     [
         ({"mode": "predict"}, "mode='predict'"),
-        ({"train_mode": "distill"}, "train_mode='distill'"),
+        ({"train_mode": "selftrain"}, "train_mode='selftrain'"),
         ({"optimizer": "sgd"}, "optimizer='sgd'"),
         ({"learning_rate_scaling": "log"}, "learning_rate_scaling='log'"),
         ({"proj_head_mode": "mlp"}, "proj_head_mode='mlp'"),
@@ -38,6 +38,32 @@ def _config(**flat):
         (
             {"proj_head_mode": "none", "ft_proj_selector": 1},
             "ft_proj_selector=1",
+        ),
+        ({"teacher": "/t"}, "teacher='/t' with train_mode=pretrain"),
+        ({"train_mode": "distill"}, "train_mode=distill without --teacher"),
+        (
+            {"train_mode": "distill", "teacher": "/t", "distill_alpha": 1.5},
+            "distill_alpha=1.5",
+        ),
+        (
+            {"train_mode": "distill", "teacher": "/t", "distill_alpha": -0.1},
+            "distill_alpha=-0.1",
+        ),
+        (
+            {
+                "train_mode": "distill",
+                "teacher": "/t",
+                "distill_temperature": 0,
+            },
+            "distill_temperature=0",
+        ),
+        (
+            {
+                "train_mode": "distill",
+                "teacher": "/t",
+                "fine_tune_after_block": 4,
+            },
+            "fine_tune_after_block=4 with train_mode=distill",
         ),
         ({"temperature": 0.0}, "temperature=0.0"),
         ({"temperature": -0.1}, "temperature=-0.1"),
@@ -216,7 +242,7 @@ def test_every_field_has_a_help_text_and_enums_their_choices():
         "optimizer": ("momentum", "adam", "lars"),
         "learning_rate_scaling": ("linear", "sqrt"),
         "mode": ("train", "eval", "train_then_eval"),
-        "train_mode": ("pretrain", "finetune"),
+        "train_mode": ("pretrain", "finetune", "distill"),
         "mixed_precision": ("auto", "none", "bfloat16", "float16"),
     }
     for f in config_lib.fields():

@@ -111,6 +111,7 @@ def build_dataset(
     split: str | None = None,
     input_context: tf.distribute.InputContext | None = None,
     start_batch: int = 0,
+    need_labels: bool | None = None,
 ) -> tf.data.Dataset:
     """The batched `(images, one_hot_labels)` pipeline of one input pipeline.
 
@@ -136,6 +137,8 @@ def build_dataset(
       start_batch: training only: skip this many batches of the stream,
         before decoding, so that a resumed run with a fixed seed sees the
         same batches as an uninterrupted one.
+      need_labels: training only: refuse a source without labels (default:
+        when not pretraining; distillation reads unlabelled data).
 
     Returns:
       A `tf.data.Dataset` of (images, labels); see the module docstring.
@@ -145,7 +148,9 @@ def build_dataset(
         unlabeled data.
     """
     split = split or (data.train_split if is_training else data.eval_split)
-    if is_training and not pretrain and not source.info.labelled:
+    if need_labels is None:
+        need_labels = not pretrain
+    if is_training and need_labels and not source.info.labelled:
         raise DatasetError(
             f"Received: train_mode=finetune on {source.name!r}, which has "
             "no labels. Use class subfolders (or a labelled TFDS dataset), "
@@ -205,6 +210,7 @@ def build_distributed_dataset(
     num_views: int = 1,
     split: str | None = None,
     start_batch: int = 0,
+    need_labels: bool | None = None,
 ) -> tf.distribute.DistributedDataset:
     """`build_dataset` per input pipeline, through
     `strategy.distribute_datasets_from_function`.
@@ -224,6 +230,7 @@ def build_distributed_dataset(
       start_batch: training only: global steps already taken; each input
         pipeline skips the per-replica batches those steps consumed
         (num_replicas_in_sync / num_input_pipelines per step).
+      need_labels: as `build_dataset`.
 
     Returns:
       The `tf.distribute.DistributedDataset` of (images, labels).
@@ -245,6 +252,7 @@ def build_distributed_dataset(
             start_batch=start_batch
             * ctx.num_replicas_in_sync
             // ctx.num_input_pipelines,
+            need_labels=need_labels,
         )
 
     return strategy.distribute_datasets_from_function(dataset_fn)

@@ -30,13 +30,14 @@ def has_supervised_head(
 ) -> bool:
     """Whether the model gets a linear classifier (SPEC.md §4).
 
-    Fine-tuning always has one; pretraining when
-    `lineareval_while_pretraining`; never without labels (num_classes None).
+    Fine-tuning and distillation always have one (the student's has the
+    teacher's classes); pretraining when `lineareval_while_pretraining`;
+    never without classes (num_classes None).
     """
     if num_classes is None:
         return False
     return (
-        config.train.train_mode == "finetune"
+        config.train.train_mode != "pretrain"
         or config.train.lineareval_while_pretraining
     )
 
@@ -52,8 +53,8 @@ def build_model(
 
     Args:
       config: the run config.
-      num_classes: classes of the labelled dataset; None for unlabelled
-        data (no supervised head).
+      num_classes: classes of the labelled dataset (when distilling: of
+        the teacher); None for unlabelled data (no supervised head).
       dtype_policy: the Keras dtype policy of every layer ("float32",
         "mixed_bfloat16", "mixed_float16"); None keeps the global policy.
 
@@ -62,18 +63,20 @@ def build_model(
     head); otherwise it gets the reference's RandomNormal(0.01) init.
 
     Returns:
-      A built `SimCLRModel`: 2 views in pretraining, 1 in fine-tuning.
+      A built `SimCLRModel`: 2 views in pretraining, 1 in fine-tuning and
+      distillation.
 
     Raises:
-      ValueError: fine-tuning without labels.
+      ValueError: fine-tuning or distillation without classes.
     """
     m, t = config.model, config.train
     finetune = t.train_mode == "finetune"
-    if finetune and num_classes is None:
+    pretrain = t.train_mode == "pretrain"
+    if not pretrain and num_classes is None:
         raise ValueError(
-            f"Received: train_mode=finetune on dataset {config.data.dataset!r}"
-            ", which has no labels. Fine-tune on a labelled dataset or use "
-            "--train_mode=pretrain."
+            f"Received: train_mode={t.train_mode} on dataset "
+            f"{config.data.dataset!r}, which has no labels. Fine-tune on a "
+            "labelled dataset or use --train_mode=pretrain."
         )
     bn = dict(batch_norm_decay=m.batch_norm_decay, global_bn=m.global_bn)
     encoder = resnet.ResNet(
@@ -104,14 +107,14 @@ def build_model(
             zero_init=m.zero_init_logits_layer and bool(t.checkpoint),
             name="head_supervised",
         )
-    num_views = 1 if finetune else PRETRAIN_VIEWS
+    num_views = PRETRAIN_VIEWS if pretrain else 1
     model = simclr_model.SimCLRModel(
         encoder,
         projection_head,
         supervised_head,
         ft_proj_selector=m.ft_proj_selector,
         num_views=num_views,
-        stop_gradient_supervised=not finetune,
+        stop_gradient_supervised=pretrain,
         name="simclr",
     )
     size = config.data.image_size
@@ -134,16 +137,25 @@ def _set_dtype_policy(model: keras.Model, dtype_policy: str) -> None:
         layer.dtype_policy = dtype_policy
 
 
-def build_objective(config: config_lib.Config, model: simclr_model.SimCLRModel):
+def build_objective(
+    config: config_lib.Config,
+    model: simclr_model.SimCLRModel,
+    teacher=None,
+    labelled: bool = False,
+):
     """The objective a run config trains `model` with (built once).
 
     Pretraining: NT-Xent over the model's views (+ the linear head when
-    the model has one); fine-tuning: the supervised head's cross-entropy.
-    A new objective (e.g. distillation) is chosen here.
+    the model has one); fine-tuning: the supervised head's cross-entropy;
+    distillation: the teacher's soft labels (+ the labels' cross-entropy
+    when `distill_alpha` < 1).
 
     Args:
       config: the run config (loss, optimizer and train mode).
       model: the built model; its weight groups give the decayed variables.
+      teacher: distillation only: the loaded `teacher.Teacher`.
+      labelled: distillation only: the training data has labels (then
+        the supervised metrics are reported).
 
     Returns:
       An objective: `objective(outputs, labels, replica_context)`.
@@ -152,8 +164,18 @@ def build_objective(config: config_lib.Config, model: simclr_model.SimCLRModel):
         config.optim.optimizer, model.weight_groups, model.trainable_variables
     )
     weight_decay = config.optim.weight_decay
-    if config.train.train_mode == "finetune":
+    t = config.train
+    if t.train_mode == "finetune":
         return objective.SupervisedObjective(weight_decay, decayed)
+    if t.train_mode == "distill":
+        return objective.DistillationObjective(
+            teacher,
+            temperature=t.distill_temperature,
+            alpha=t.distill_alpha,
+            labelled=labelled,
+            weight_decay=weight_decay,
+            decayed_variables=decayed,
+        )
     return objective.ContrastiveObjective(
         temperature=config.loss.temperature,
         hidden_norm=config.loss.hidden_norm,

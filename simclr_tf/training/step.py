@@ -30,7 +30,8 @@ def make_replica_step(
       model: the built model.
       optimizer: its optimizer, built on `model.trainable_variables`.
       objective: `objective(outputs, labels, replica_context) -> (total,
-        metrics)` with `output_keys` (see `simclr_tf.objective`).
+        metrics)` with `output_keys` and `targets(images)` (extra loss
+        inputs merged into `outputs`; see `simclr_tf.objective`).
       grad_cache_chunk_size: 0, or the images per forward/backward chunk of
         gradient caching (batch-norm statistics are then per chunk).
     """
@@ -42,9 +43,13 @@ def make_replica_step(
     def step(images, labels):
         ctx = tf.distribute.get_replica_context()
         replicas = ctx.num_replicas_in_sync
+        # Inputs of the loss that do not come from the model (a teacher's
+        # logits), computed once per local batch outside the tape: grad
+        # caching's chunks then see them whole, as the other outputs.
+        targets = objective.targets(images)
 
         def loss_fn(outputs):
-            return objective(outputs, labels, ctx)
+            return objective({**outputs, **targets}, labels, ctx)
 
         loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         if chunk:
