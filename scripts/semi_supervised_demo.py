@@ -14,7 +14,7 @@ Stages, each an `experiment.run` on `--dataset=folder:<workdir>/digits`
    serves both seeds.
 2. Per seed k (`--seed=k`, which also draws the labelled subset):
    a. `finetune_10pct`: fine-tune the whole pretrained network on 10 % of
-      the training labels (`--label_fraction=0.1`, 144 images), from the
+      the training labels (`--label_fraction=0.1`: 142 images), from the
       first projection-head layer as in SimCLRv2 (`--ft_proj_selector=1`);
    b. `distill_same`: distil that teacher into a student of the same
       architecture, trained from scratch on all 1,437 training images
@@ -73,7 +73,7 @@ SUPERVISED = {
     "train_batch_size": 64,
     "checkpoint_epochs": 1000,
 }
-# Fine-tuning on 10 % of the labels (144 images: 226 steps).
+# Fine-tuning on 10 % of the labels (142 images: 222 steps).
 FINETUNE = dict(
     SUPERVISED,
     train_mode="finetune",
@@ -154,9 +154,10 @@ def stage_configs(
     return configs
 
 
-def run_seed(base, workdir: str, seed: int) -> dict[str, dict]:
-    """Runs (or reuses) one seed's stages; returns their results."""
-    configs = stage_configs(base, workdir, seed)
+def run_seed(configs: dict[str, config_lib.Config]) -> dict[str, dict]:
+    """Runs (or reuses) one seed's stages (`stage_configs`) in order, after
+    the pretraining they start from; returns their results."""
+    seed = configs["finetune_10pct"].data.seed
     return {
         name: quickstart.run_stage(f"{name} (seed {seed})", configs[name])
         for name in ROWS
@@ -218,9 +219,11 @@ def main(argv: list[str]) -> None:
     try:
         seeds = [int(s) for s in _SEEDS.value]
         base = cli.config_from_flags()
-        pretrain = stage_configs(base, workdir, seeds[0])["pretrain"]
-        quickstart.run_stage("SimCLR pretraining", pretrain)
-        results = {s: run_seed(base, workdir, s) for s in seeds}
+        configs = {s: stage_configs(base, workdir, s) for s in seeds}
+        quickstart.run_stage(
+            "SimCLR pretraining", configs[seeds[0]]["pretrain"]
+        )
+        results = {s: run_seed(configs[s]) for s in seeds}
     except (config_lib.ConfigError, ValueError) as e:
         sys.stderr.write(f"semi_supervised_demo.py: error: {e}\n")
         sys.exit(2)

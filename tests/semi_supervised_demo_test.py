@@ -6,6 +6,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
@@ -127,3 +129,39 @@ def test_report_table_and_mean(tmp_path):
     assert (
         tmp_path / "semi_supervised" / "report.md"
     ).read_text() == text + "\n"
+
+
+@pytest.mark.slow
+def test_tiny_demo_runs_every_stage(tmp_path):
+    import quickstart
+
+    from simclr_tf import config as config_lib
+
+    quickstart.prepare_digits(str(tmp_path / "digits"))
+    configs = demo.stage_configs(_parse_run_py(), str(tmp_path), seed=0)
+    tiny = dict(
+        train_steps=2,
+        train_batch_size=32,
+        steps_per_loop=1,
+        knn_train_examples=64,
+        mixed_precision="none",
+    )
+    configs = {
+        name: config_lib.replace(c, **tiny) for name, c in configs.items()
+    }
+    quickstart.run_stage("pretrain", configs["pretrain"])
+    results = demo.run_seed(configs)
+    assert list(results) == list(demo.ROWS)
+    for name, result in results.items():
+        assert result["global_step"] == 2, name
+        assert 0.0 <= result[demo.TOP1] <= 1.0
+    # The students' teacher is the fine-tuned run: its reference top-1 in
+    # their result.json is the fine-tuning run's own (same weights, same
+    # test images, float32).
+    for name in ("distill_same", "distill_small"):
+        assert results[name]["eval/teacher_top_1_accuracy"] == pytest.approx(
+            results["finetune_10pct"][demo.TOP1]
+        )
+    table = demo.summarize({0: results})
+    text = demo.write_report(str(tmp_path), table, 1.0)
+    assert len(text.splitlines()) == 2 + len(demo.ROWS)
