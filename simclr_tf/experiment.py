@@ -238,6 +238,7 @@ def _preview_images(
         is_training=True,
         pretrain=pretrain,
         num_views=num_views,
+        need_labels=False,  # Only the images are shown.
     )
     images, _ = next(iter(dataset))
     return images

@@ -23,10 +23,14 @@ by the student: the student's checkpoints hold no teacher variable, and a
 resumed run loads the teacher again from `--teacher`.
 
 A reference model's supervised head reads one tensor of its projection
-head, which the shapes do not always name (ResNet-50's head layers are
-all 2048 wide). The teacher then reads the first projection-head layer
-(`ft_proj_selector=1`, the SimCLRv2 semi-supervised fine-tuning of SPEC.md
-§8) when its width fits, else the first tensor whose width fits.
+head (the reference's `ft_proj_selector`), which the shapes do not always
+name (ResNet-50's head layers are all 2048 wide). For a reference
+SavedModel the teacher takes the tensor whose logits equal those of the
+SavedModel's own function on a random batch. A reference training
+checkpoint has no function: the teacher reads the first projection-head
+layer (`ft_proj_selector=1`, the SimCLRv2 semi-supervised fine-tuning of
+SPEC.md §8) when its width fits, else the first tensor whose width fits,
+and says so in a warning.
 """
 
 from __future__ import annotations
@@ -67,6 +71,8 @@ class TeacherSpec:
       class_names: class names in label order, when known.
       prefix: the checkpoint prefix its weights are read from.
       source: the `interop.Source` of a reference teacher.
+      selectors: reference teachers: the projection-head tensors whose
+        width fits the supervised head (more than one: ambiguous).
     """
 
     path: str
@@ -76,6 +82,7 @@ class TeacherSpec:
     class_names: tuple[str, ...] | None
     prefix: str
     source: interop.Source | None = None
+    selectors: tuple[int, ...] = ()
 
 
 def _error(path: str, what: str) -> TeacherError:
@@ -166,17 +173,15 @@ def _our_export(path: str, export_dir: str) -> TeacherSpec:
     )
 
 
-def _selector(arch) -> int:
-    """The projection-head tensor a reference supervised head reads."""
+def _fitting_selectors(arch) -> tuple[int, ...]:
+    """The projection-head tensors whose width fits the supervised head."""
     dims = arch.hidden_dims
-    fits = [j for j, d in enumerate(dims) if d == arch.supervised_input_dim]
-    if len(fits) > 1:
-        logging.warning(
-            "The teacher's supervised head could read projection-head "
-            "tensors %s (equal widths); using %d.",
-            fits,
-            _PREFERRED_SELECTOR if _PREFERRED_SELECTOR in fits else fits[0],
-        )
+    return tuple(
+        j for j, d in enumerate(dims) if d == arch.supervised_input_dim
+    )
+
+
+def _default_selector(fits: tuple[int, ...]) -> int:
     if _PREFERRED_SELECTOR in fits:
         return _PREFERRED_SELECTOR
     return fits[0] if fits else 0
@@ -194,9 +199,17 @@ def _reference(path: str) -> TeacherSpec:
             "run_info.json beside it. Point --teacher at the run directory.",
         )
     arch = interop.infer_architecture(source)
-    config = convert.config_for(arch, ft_proj_selector=_selector(arch))
+    fits = _fitting_selectors(arch)
+    config = convert.config_for(arch, ft_proj_selector=_default_selector(fits))
     return TeacherSpec(
-        path, source.kind, config, arch.num_classes, None, source.prefix, source
+        path,
+        source.kind,
+        config,
+        arch.num_classes,
+        None,
+        source.prefix,
+        source,
+        fits,
     )
 
 
@@ -233,8 +246,10 @@ def _check_readable(spec: TeacherSpec) -> None:
     try:
         reader = tf.train.load_checkpoint(spec.prefix)
         for key in reader.get_variable_to_shape_map():
-            reader.get_tensor(key)
-    except (tf.errors.OpError, ValueError) as e:
+            if not key.startswith("optimizer/"):  # Not used.
+                reader.get_tensor(key)
+    # The reader raises IndexError for a data file cut short.
+    except (tf.errors.OpError, ValueError, IndexError) as e:
         raise _error(
             spec.path,
             f"whose weights {spec.prefix!r} cannot be read "
@@ -297,6 +312,44 @@ class Teacher:
         return tf.stop_gradient(tf.cast(outputs["logits_sup"], tf.float32))
 
 
+def _relative_difference(ours: tf.Tensor, theirs: tf.Tensor) -> float:
+    scale = float(tf.reduce_max(tf.abs(theirs))) or 1.0
+    return float(tf.reduce_max(tf.abs(ours - theirs))) / scale
+
+
+def _choose_selector(model: keras.Model, spec: TeacherSpec) -> None:
+    """Sets which projection-head tensor the supervised head reads when
+    the shapes leave it open (module docstring)."""
+    if len(spec.selectors) < 2:
+        return
+    if spec.source.kind != interop.REFERENCE_SAVED_MODEL:
+        logging.warning(
+            "Teacher %s: its supervised head could read projection-head "
+            "tensors %s (equal widths); using %d (SimCLRv2 fine-tuning).",
+            spec.path,
+            list(spec.selectors),
+            model.ft_proj_selector,
+        )
+        return
+    loaded = tf.saved_model.load(os.path.dirname(os.path.dirname(spec.prefix)))
+    size = min(spec.config.data.image_size, 64)
+    images = tf.random.stateless_uniform((2, size, size, 3), seed=(0, 1))
+    theirs = loaded(images, trainable=False)["logits_sup"]
+    errors = {}
+    for j in spec.selectors:
+        model.ft_proj_selector = j
+        ours = model(images, training=False)["logits_sup"]
+        errors[j] = _relative_difference(ours, theirs)
+    model.ft_proj_selector = min(errors, key=errors.get)
+    logging.info(
+        "Teacher %s: the supervised head reads projection-head tensor %d "
+        "(relative difference to the SavedModel's logits %.1e).",
+        spec.path,
+        model.ft_proj_selector,
+        errors[model.ft_proj_selector],
+    )
+
+
 def _restore(model: keras.Model, spec: TeacherSpec) -> None:
     if spec.source is not None:
         try:
@@ -311,7 +364,7 @@ def _restore(model: keras.Model, spec: TeacherSpec) -> None:
     else:
         ckpt = tf.train.Checkpoint(model=model)
     try:
-        status = ckpt.restore(spec.prefix)
+        status = ckpt.read(spec.prefix)  # No save_counter of its own.
         status.assert_existing_objects_matched()
         status.expect_partial()  # Optimizer slots, the hub functions.
     except (AssertionError, ValueError, tf.errors.OpError) as e:
@@ -334,6 +387,9 @@ def load(path: str, strategy: tf.distribute.Strategy) -> Teacher:
         model = factory.build_model(spec.config, spec.num_classes, "float32")
         _restore(model, spec)
         model.trainable = False
+    if spec.source is not None:
+        # Outside the scope: the reference SavedModel is only compared.
+        _choose_selector(model, spec)
     logging.info(
         "Teacher: %s %s (ResNet-%d %dx, %d classes).",
         spec.kind,

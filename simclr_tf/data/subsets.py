@@ -70,11 +70,12 @@ class LabelFractionSource(sources.Source):
     Reading the train split gives only the examples
     `class_balanced_subset(labels, fraction, seed)` picks, in the split's
     fixed order (`shuffle_files` is ignored: the subset is defined on that
-    order), then sharded over the input pipelines; every other split is
-    the wrapped source's. The subset is drawn from the train split alone,
-    so it is disjoint from the eval split and from a folder's held-out
-    part. `info.num_train_examples` is the subset's size, which sets the
-    steps per epoch, the warm-up and the total steps.
+    order), then sharded over the input pipelines: each pass reads every
+    record of the split (still encoded) and keeps the subset's. Every
+    other split is the wrapped source's. The subset is drawn from the
+    train split alone, so it is disjoint from the eval split and from a
+    folder's held-out part. `info.num_train_examples` is the subset's
+    size, which sets the steps per epoch, the warm-up and the total steps.
 
     Args:
       source: the opened, labelled source.

@@ -92,6 +92,8 @@ def _progress_line(step, total, images_per_s, metrics, eta_s) -> str:
     parts.append(f"loss {loss:.4f}")
     if "contrast_acc" in metrics:
         parts.append(f"contrast_acc {metrics['contrast_acc']:.3f}")
+    if "teacher_agreement" in metrics:
+        parts.append(f"teacher_agreement {metrics['teacher_agreement']:.3f}")
     if "supervised_acc" in metrics:
         parts.append(f"supervised_acc {metrics['supervised_acc']:.3f}")
     parts.append(f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta_s))}")
