@@ -58,7 +58,7 @@ def _class_of(path):
 def test_folder_subset_is_class_balanced_with_hand_counts(
     split_folder, fraction, caplog
 ):
-    caplog.set_level("INFO")
+    caplog.set_level("INFO", logger="absl")
     source = sources.open_source(_data(split_folder, label_fraction=fraction))
     paths = _paths(source)
     kept = {c: sum(_class_of(p) == c for p in paths) for c in TRAIN}
