@@ -146,9 +146,20 @@ class DataConfig:
         "Seed for initialisation, shuffling and augmentation; unset means a "
         "fresh random run.",
     )
+    label_fraction: float = _field(
+        1.0,
+        "Fine-tuning: train on this class-balanced fraction of the train "
+        "split's labelled examples (every class keeps round(fraction x its "
+        "size), at least 1), drawn with --seed (0 when unset); 1 = all.",
+    )
 
     def __post_init__(self) -> None:
         _check_choices(self)
+        _check(
+            0.0 < self.label_fraction <= 1.0,
+            f"Received: label_fraction={self.label_fraction}. Use a "
+            "fraction in (0, 1] (e.g. 0.1 for 10 % of the labels; 1 = all).",
+        )
         _check(
             self.image_size >= 8,
             f"Received: image_size={self.image_size}. Use --image_size >= 8 "
@@ -587,7 +598,7 @@ class Config:
     """The whole run configuration, grouped by concern.
 
     Each group checks its own values; a check that involves two groups
-    belongs in this class's `__post_init__` (there is none today).
+    belongs in this class's `__post_init__`.
     """
 
     data: DataConfig = DataConfig()
@@ -597,6 +608,19 @@ class Config:
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+
+    def __post_init__(self) -> None:
+        # The semi-supervised protocol fine-tunes on the labelled fraction
+        # but pretrains (and distils) on every training image: a fraction
+        # would silently throw away unlabelled data those modes can use.
+        mode = self.train.train_mode
+        _check(
+            self.data.label_fraction == 1.0 or mode == "finetune",
+            f"Received: label_fraction={self.data.label_fraction} with "
+            f"train_mode={mode}. Only fine-tuning reads a labelled "
+            "fraction (pretraining and distillation use every training "
+            "image): use --train_mode=finetune or --label_fraction=1.",
+        )
 
 
 # Group name in `Config` -> its dataclass, in definition order.

@@ -120,7 +120,8 @@ def check_initial_checkpoint(
     Args:
       config: the run config.
       info: the opened source's info; None opens the source for its class
-        count (only when there is a checkpoint to check).
+        count (only when there is a checkpoint to check), without the label
+        fraction, whose subset would cost a pass over a TFDS split.
 
     Raises:
       CheckpointError: see `checkpoints.check_initial_checkpoint`.
@@ -131,7 +132,8 @@ def check_initial_checkpoint(
     ):
         return
     if info is None:
-        info = sources.open_source(config.data).info
+        data = dataclasses.replace(config.data, label_fraction=1.0)
+        info = sources.open_source(data).info
     checkpoints.check_initial_checkpoint(config, info.num_classes)
 
 
