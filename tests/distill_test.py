@@ -13,16 +13,20 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from simclr_tf import cli, experiment, objective, optim
 from simclr_tf import config as config_lib
+from simclr_tf import experiment, objective, optim
 from simclr_tf import teacher as teacher_lib
 from simclr_tf.models import factory
 from simclr_tf.training import checkpoints
 from simclr_tf.training import step as step_lib
-from tests.helpers import two_replica_strategy
+from tests.helpers import (
+    SMOKE,
+    run_on_mock_data,
+    smoke_config,
+    two_replica_strategy,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SMOKE = ROOT / "flags" / "smoke.cfg"
 MOCK_RUN = ROOT / "scripts" / "run_on_mock_data.py"
 GLOBAL_BATCH, SIZE, CLASSES = 8, 16, 5
 
@@ -273,26 +277,12 @@ def test_teacher_is_frozen_and_not_in_the_student_checkpoint(tmp_path):
 # End to end: a teacher run, distillation from its run dir and export.
 
 
-def _smoke_config(model_dir, **overrides):
-    cli.FLAGS.unparse_flags()
-    cli.FLAGS(["run.py", f"--flagfile={SMOKE}", f"--model_dir={model_dir}"])
-    flat = config_lib.to_flat(cli.config_from_flags())
-    cli.FLAGS.unparse_flags()
-    flat.update(overrides)
-    return config_lib.from_flat(flat)
-
-
-def _run(config):
-    with tfds.testing.mock_data(num_examples=48):
-        return experiment.run(config)
-
-
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory):
     """A 2-step fine-tuning run on mock CIFAR-10 (10 classes)."""
     model_dir = tmp_path_factory.mktemp("teacher")
-    _run(
-        _smoke_config(
+    run_on_mock_data(
+        smoke_config(
             model_dir, train_mode="finetune", knn_k=0, mixed_precision="none"
         )
     )
@@ -310,12 +300,12 @@ def _distill_config(model_dir, teacher, **overrides):
         resnet_base_width=32,  # A smaller student than its teacher.
     )
     values.update(overrides)
-    return _smoke_config(model_dir, **values)
+    return smoke_config(model_dir, **values)
 
 
 @pytest.mark.slow
 def test_distill_run_on_mock_data(teacher_run, tmp_path):
-    results = _run(_distill_config(tmp_path, teacher_run))
+    results = run_on_mock_data(_distill_config(tmp_path, teacher_run))
     for key in (
         "eval/label_top_1_accuracy",
         "eval/label_top_5_accuracy",
@@ -417,8 +407,8 @@ def test_bad_teachers_fail_before_writing(teacher_run, tmp_path):
         check(tmp_path / "missing")
     # A pretraining run without a linear head.
     pre_dir = tmp_path / "pre"
-    _run(
-        _smoke_config(
+    run_on_mock_data(
+        smoke_config(
             pre_dir,
             lineareval_while_pretraining=False,
             train_steps=1,

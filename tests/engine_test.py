@@ -16,30 +16,14 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from simclr_tf import cli, experiment, health
-from simclr_tf import config as config_lib
+from simclr_tf import experiment, health
 from simclr_tf import objective as objective_lib
 from simclr_tf.data import sources
 from simclr_tf.training import checkpoints, trainer
+from tests.helpers import SMOKE, run_on_mock_data, smoke_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SMOKE = ROOT / "flags" / "smoke.cfg"
 MOCK_RUN = ROOT / "scripts" / "run_on_mock_data.py"
-
-
-def _smoke_config(model_dir, **overrides):
-    """The smoke recipe's config with overrides, without global flags."""
-    cli.FLAGS.unparse_flags()
-    cli.FLAGS(["run.py", f"--flagfile={SMOKE}", f"--model_dir={model_dir}"])
-    flat = config_lib.to_flat(cli.config_from_flags())
-    cli.FLAGS.unparse_flags()
-    flat.update(overrides)
-    return config_lib.from_flat(flat)
-
-
-def _run(config):
-    with tfds.testing.mock_data(num_examples=48):
-        return experiment.run(config)
 
 
 def _mock_run_cmd(*args):
@@ -93,7 +77,7 @@ class _Killed(Exception):
 
 def test_resume_continues_to_the_same_total(tmp_path, monkeypatch):
     def config(name):
-        return _smoke_config(
+        return smoke_config(
             tmp_path / name,
             train_steps=4,
             checkpoint_steps=2,
@@ -102,7 +86,7 @@ def test_resume_continues_to_the_same_total(tmp_path, monkeypatch):
             keep_hub_module_max=-1,
         )
 
-    _run(config("straight"))
+    run_on_mock_data(config("straight"))
     save = checkpoints.Checkpointer.save
 
     def save_then_die(self, step):
@@ -113,9 +97,9 @@ def test_resume_continues_to_the_same_total(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoints.Checkpointer, "save", save_then_die)
     with pytest.raises(_Killed):
-        _run(config("resumed"))
+        run_on_mock_data(config("resumed"))
     monkeypatch.setattr(checkpoints.Checkpointer, "save", save)
-    _run(config("resumed"))
+    run_on_mock_data(config("resumed"))
 
     a = tf.train.load_checkpoint(str(tmp_path / "straight"))
     b = tf.train.load_checkpoint(str(tmp_path / "resumed"))
@@ -138,11 +122,11 @@ def test_resume_continues_to_the_same_total(tmp_path, monkeypatch):
 
 
 def test_linear_eval_leaves_encoder_bit_identical(tmp_path):
-    pre = _smoke_config(
+    pre = smoke_config(
         tmp_path / "pre", mode="train", train_steps=1, keep_hub_module_max=-1
     )
-    _run(pre)
-    lin = _smoke_config(
+    run_on_mock_data(pre)
+    lin = smoke_config(
         tmp_path / "lin",
         mode="train",
         train_mode="finetune",
@@ -195,7 +179,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(
         objective_lib.ContrastiveObjective, "__call__", nan_from_step_3
     )
-    config = _smoke_config(
+    config = smoke_config(
         tmp_path,
         mode="train",
         train_steps=5,
@@ -203,7 +187,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
         keep_hub_module_max=-1,
     )
     with pytest.raises(trainer.NonFiniteLossError, match="step 3"):
-        _run(config)
+        run_on_mock_data(config)
     assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-2")
 
 
@@ -227,7 +211,7 @@ def test_pretraining_logs_health_monitors_and_warns_on_collapse(
     # threshold of 2/sqrt(d) calls every log collapsed: the warning must
     # come at the 5th consecutive log (COLLAPSE_PATIENCE).
     monkeypatch.setattr(health, "PROJ_STD_COLLAPSE_FRACTION", 2.0)
-    config = _smoke_config(
+    config = smoke_config(
         tmp_path,
         mode="train",
         train_steps=health.COLLAPSE_PATIENCE,
@@ -235,7 +219,7 @@ def test_pretraining_logs_health_monitors_and_warns_on_collapse(
         keep_hub_module_max=-1,
     )
     with caplog.at_level("INFO", logger="absl"):
-        _run(config)
+        run_on_mock_data(config)
     scalars = _event_scalars(tmp_path)
     steps = list(range(1, health.COLLAPSE_PATIENCE + 1))
     rows = 2 * config.train.train_batch_size  # Two views, one replica.
@@ -253,37 +237,37 @@ def test_pretraining_logs_health_monitors_and_warns_on_collapse(
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    config = _smoke_config(
+    config = smoke_config(
         tmp_path, mode="train", checkpoint=str(tmp_path / "nowhere")
     )
     with pytest.raises(checkpoints.CheckpointError, match="nowhere"):
-        _run(config)
+        run_on_mock_data(config)
 
 
 def test_incompatible_checkpoint_names_the_mismatch(tmp_path):
-    _run(
-        _smoke_config(
+    run_on_mock_data(
+        smoke_config(
             tmp_path / "r18",
             mode="train",
             train_steps=1,
             keep_hub_module_max=-1,
         )
     )
-    config = _smoke_config(
+    config = smoke_config(
         tmp_path / "r34",
         mode="train",
         resnet_depth=34,
         checkpoint=str(tmp_path / "r18"),
     )
     with pytest.raises(checkpoints.CheckpointError, match="resnet_depth=18"):
-        _run(config)
+        run_on_mock_data(config)
 
 
 def test_finished_model_dir_says_so_and_evaluates(tmp_path, caplog):
-    config = _smoke_config(tmp_path, train_steps=1, keep_hub_module_max=-1)
-    _run(config)
+    config = smoke_config(tmp_path, train_steps=1, keep_hub_module_max=-1)
+    run_on_mock_data(config)
     with caplog.at_level("INFO", logger="absl"):
-        results = _run(config)
+        results = run_on_mock_data(config)
     assert "already finished" in caplog.text
     assert results["global_step"] == 1
 
@@ -356,12 +340,14 @@ def test_multi_worker_smoke_on_loopback(tmp_path):
 def test_eval_mode_evaluates_the_latest_checkpoint_and_stops(tmp_path):
     # Like the reference: evaluate each new checkpoint, starting from the
     # latest, and stop once the last training step has been evaluated.
-    _run(_smoke_config(tmp_path, mode="train", keep_hub_module_max=-1))
+    run_on_mock_data(
+        smoke_config(tmp_path, mode="train", keep_hub_module_max=-1)
+    )
     assert not (tmp_path / "saved_model").exists()  # -1: no export.
     # An earlier export, which keep_hub_module_max=0 (keep all) keeps.
     (tmp_path / "saved_model" / "1").mkdir(parents=True)
-    eval_config = _smoke_config(tmp_path, mode="eval", keep_hub_module_max=0)
-    assert _run(eval_config) is None
+    eval_config = smoke_config(tmp_path, mode="eval", keep_hub_module_max=0)
+    assert run_on_mock_data(eval_config) is None
     # One export per evaluated checkpoint, named by its step.
     exports = sorted(p.name for p in (tmp_path / "saved_model").iterdir())
     assert exports == ["1", "2"]

@@ -1,10 +1,17 @@
 """Helpers shared by several test modules."""
 
 import functools
+import pathlib
 
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
+from simclr_tf import cli, experiment
+from simclr_tf import config as config_lib
 from tests.conftest import NUM_LOGICAL_CPUS
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "flags" / "smoke.cfg"
 
 
 @functools.cache
@@ -17,3 +24,19 @@ def two_replica_strategy() -> tf.distribute.MirroredStrategy:
     """
     devices = [f"/CPU:{i}" for i in range(NUM_LOGICAL_CPUS)]
     return tf.distribute.MirroredStrategy(devices)
+
+
+def smoke_config(model_dir, **overrides) -> config_lib.Config:
+    """The smoke recipe's config with overrides, without global flags."""
+    cli.FLAGS.unparse_flags()
+    cli.FLAGS(["run.py", f"--flagfile={SMOKE}", f"--model_dir={model_dir}"])
+    flat = config_lib.to_flat(cli.config_from_flags())
+    cli.FLAGS.unparse_flags()
+    flat.update(overrides)
+    return config_lib.from_flat(flat)
+
+
+def run_on_mock_data(config: config_lib.Config, num_examples: int = 48):
+    """`experiment.run(config)` on TFDS mock data of `num_examples`."""
+    with tfds.testing.mock_data(num_examples=num_examples):
+        return experiment.run(config)
