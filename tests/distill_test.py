@@ -16,6 +16,7 @@ import tensorflow_datasets as tfds
 from simclr_tf import config as config_lib
 from simclr_tf import experiment, objective, optim
 from simclr_tf import teacher as teacher_lib
+from simclr_tf.data import sources
 from simclr_tf.models import factory
 from simclr_tf.training import checkpoints
 from simclr_tf.training import step as step_lib
@@ -385,8 +386,7 @@ def test_distill_run_on_an_unlabelled_folder(teacher_run, tmp_path):
         train_split="train",
         mode="train",
     )
-    experiment.check_teacher(config)
-    experiment.run(config)
+    experiment.run(config)  # prepare() checks the teacher first.
     assert tf.train.latest_checkpoint(str(model_dir)).endswith("ckpt-2")
     with open(model_dir / "run_info.json") as f:
         assert json.load(f)["num_classes"] == 10  # The teacher's.
@@ -401,7 +401,8 @@ def test_bad_teachers_fail_before_writing(teacher_run, tmp_path):
     def check(teacher, **overrides):
         config = _distill_config(tmp_path / "out", teacher, **overrides)
         with tfds.testing.mock_data(num_examples=48):
-            experiment.check_teacher(config)
+            info = sources.open_source(config.data).info
+            experiment.check_teacher(config, info)
 
     with pytest.raises(config_lib.ConfigError, match="does not exist"):
         check(tmp_path / "missing")
