@@ -293,6 +293,14 @@ flags.DEFINE_enum(
     "with native bfloat16 (AVX512-BF16/AMX), else none (float32).",
 )
 flags.DEFINE_bool("jit_compile", False, "Compile the training step with XLA.")
+flags.DEFINE_enum(
+    "conv_weight_grad",
+    "auto",
+    config_lib.CONV_WEIGHT_GRADS,
+    "How the encoder's conv kernel gradients are computed (same values): "
+    "onednn is TF's own conv gradient, matmul is one matmul per kernel tap, "
+    "auto uses matmul where it was measured faster (small 3x3 maps).",
+)
 flags.DEFINE_integer(
     "cpu_replicas",
     0,

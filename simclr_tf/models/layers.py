@@ -14,6 +14,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from simclr_tf.models import conv_grad
+
 # SPEC.md §3 / reference `BATCH_NORM_EPSILON`.
 BATCH_NORM_EPSILON = 1e-5
 # Smallest width of the selective-kernel mixing layer (reference `min_dim`).
@@ -160,10 +162,26 @@ class Conv2DFixedPadding(keras.layers.Conv2D):
       filters: output channels.
       kernel_size: square kernel size k.
       strides: stride s.
+      weight_grad: how the kernel gradient is computed (same function):
+        "onednn" is TF's own conv gradient, "matmul" is
+        `conv_grad.conv2d`'s k*k matmuls, "auto" picks matmul where it
+        was measured faster (`conv_grad.use_matmul_weight_grad`).
       **kwargs: passed to `keras.layers.Conv2D` (`padding` is derived).
     """
 
-    def __init__(self, filters: int, kernel_size, strides=1, **kwargs):
+    def __init__(
+        self,
+        filters: int,
+        kernel_size,
+        strides=1,
+        weight_grad: str = "auto",
+        **kwargs,
+    ):
+        if weight_grad not in conv_grad.WEIGHT_GRADS:
+            raise ValueError(
+                f"Received: weight_grad={weight_grad!r}. Use one of "
+                f"{', '.join(conv_grad.WEIGHT_GRADS)}."
+            )
         kwargs.pop("padding", None)
         kwargs.setdefault("use_bias", False)
         kwargs.setdefault("kernel_initializer", conv_initializer())
@@ -175,13 +193,29 @@ class Conv2DFixedPadding(keras.layers.Conv2D):
             padding="same" if stride == 1 else "valid",
             **kwargs,
         )
+        self.weight_grad = weight_grad
         pad_total = self.kernel_size[0] - 1 if stride > 1 else 0
         self._pads = (pad_total // 2, pad_total - pad_total // 2)
 
+    def _use_matmul(self, input_shape) -> bool:
+        """Whether this call takes `conv_grad.conv2d`."""
+        k = self.kernel_size[0]
+        plain = self.dilation_rate == (1, 1) and self.groups == 1
+        if self.use_bias or not plain or self.kernel_size[1] != k:
+            return False
+        return conv_grad.use_matmul_weight_grad(
+            self.weight_grad, k, self.strides[0], input_shape
+        )
+
     def call(self, inputs):
+        use_matmul = self._use_matmul(inputs.shape)
         if self._pads[1]:
             inputs = tf.pad(inputs, [[0, 0], self._pads, self._pads, [0, 0]])
-        return super().call(inputs)
+        if not use_matmul:
+            return super().call(inputs)
+        kernel = tf.cast(self.kernel, inputs.dtype)
+        padding = "SAME" if self.strides[0] == 1 else "VALID"
+        return conv_grad.conv2d(inputs, kernel, self.strides[0], padding)
 
     def compute_output_shape(self, input_shape):
         padded = list(input_shape)
@@ -189,6 +223,9 @@ class Conv2DFixedPadding(keras.layers.Conv2D):
             if padded[axis] is not None:
                 padded[axis] += sum(self._pads)
         return super().compute_output_shape(tuple(padded))
+
+    def get_config(self):
+        return {**super().get_config(), "weight_grad": self.weight_grad}
 
 
 @_register
