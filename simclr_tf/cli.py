@@ -294,12 +294,20 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_bool("jit_compile", False, "Compile the training step with XLA.")
 flags.DEFINE_enum(
-    "conv_weight_grad",
+    "conv_backward",
     "auto",
-    config_lib.CONV_WEIGHT_GRADS,
-    "How the encoder's conv kernel gradients are computed (same values): "
-    "onednn is TF's own conv gradient, matmul is one matmul per kernel tap, "
-    "auto uses matmul where it was measured faster (small 3x3 maps).",
+    config_lib.CONV_BACKWARDS,
+    "How the encoder's conv gradients are computed (same values): tf is "
+    "TensorFlow's own conv gradient; auto recomputes strided convs' padding "
+    "in the backward pass and computes kernel gradients on small 3x3 maps "
+    "as one matmul per kernel tap (faster there); matmul does so everywhere.",
+)
+flags.DEFINE_bool(
+    "recompute_bn_relu",
+    True,
+    "Keep only the conv output of a conv-BN-ReLU-conv chain for the backward "
+    "pass and recompute BN-ReLU there (less memory, same values; needs the "
+    "fused batch norm: one replica or --global_bn=False).",
 )
 flags.DEFINE_integer(
     "cpu_replicas",

@@ -22,7 +22,7 @@ PROJ_HEAD_MODES = ("none", "linear", "nonlinear")
 RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
 COLOR_JITTER_IMPLS = ("v1", "v2")
 MIXED_PRECISIONS = ("auto", "none", "bfloat16", "float16")
-CONV_WEIGHT_GRADS = ("auto", "onednn", "matmul")
+CONV_BACKWARDS = ("auto", "tf", "matmul")
 
 # Prefix of `--dataset` that selects an image folder instead of TFDS.
 FOLDER_PREFIX = "folder:"
@@ -135,7 +135,8 @@ class RuntimeConfig:
     mixed_precision: str = "auto"
     jit_compile: bool = False
     cpu_replicas: int = 0
-    conv_weight_grad: str = "auto"
+    conv_backward: str = "auto"
+    recompute_bn_relu: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,7 +265,7 @@ def validate(config: Config) -> Config:
     _check_enum("resnet_depth", m.resnet_depth, RESNET_DEPTHS)
     _check_enum("color_jitter_impl", d.color_jitter_impl, COLOR_JITTER_IMPLS)
     _check_enum("mixed_precision", r.mixed_precision, MIXED_PRECISIONS)
-    _check_enum("conv_weight_grad", r.conv_weight_grad, CONV_WEIGHT_GRADS)
+    _check_enum("conv_backward", r.conv_backward, CONV_BACKWARDS)
     _check(
         not (t.train_mode == "pretrain" and t.fine_tune_after_block > -1),
         f"Received: fine_tune_after_block={t.fine_tune_after_block} with "

@@ -71,22 +71,24 @@ def _grads(fn, x, w, dy, dtype):
     return [tf.cast(t, tf.float64).numpy() for t in (y, dx, dw)]
 
 
+@pytest.mark.parametrize("matmul", [True, False])
 @pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
 @pytest.mark.parametrize("size,k,stride,pads", CASES)
-def test_conv2d_and_its_gradients_match_numpy(size, k, stride, pads, dtype):
+def test_conv2d_and_its_gradients_match_numpy(
+    size, k, stride, pads, dtype, matmul
+):
     x, w, dy = _inputs(size, k, 3, 5, dtype, stride, pads)
     ref = _numpy_conv(x, w, dy, stride, pads)
     bound = _numpy_conv(np.abs(x), np.abs(w), np.abs(dy), stride, pads)
-    padded = [[0, 0], list(pads), list(pads), [0, 0]]
-    same = stride == 1 and pads == ((k - 1) // 2, k - 1 - (k - 1) // 2)
-
-    def custom(a, b):
-        if same:
-            return conv_grad.conv2d(a, b, stride, "SAME")
-        return conv_grad.conv2d(tf.pad(a, padded), b, stride, "VALID")
-
-    got = _grads(custom, x, w, dy, dtype)
+    got = _grads(
+        lambda a, b: conv_grad.conv2d(a, b, stride, pads, matmul),
+        x,
+        w,
+        dy,
+        dtype,
+    )
     # TF's own gradient of the same conv: held to the same bound.
+    padded = [[0, 0], list(pads), list(pads), [0, 0]]
     tf_own = _grads(
         lambda a, b: tf.nn.conv2d(tf.pad(a, padded), b, stride, "VALID"),
         x,
@@ -94,20 +96,20 @@ def test_conv2d_and_its_gradients_match_numpy(size, k, stride, pads, dtype):
         dy,
         dtype,
     )
-    for name, r, g, t, m in zip(
-        ("y", "dx", "dw"), ref, got, tf_own, bound, strict=True
-    ):
+    names = ("y", "dx", "dw")
+    for name, r, g, t, m in zip(names, ref, got, tf_own, bound, strict=True):
         assert g.shape == r.shape, name
         tol = _tolerance(dtype) * m + 1e-12
         assert np.all(np.abs(g - r) <= tol), name
         assert np.all(np.abs(t - r) <= tol), name
 
 
-def test_layer_gradients_agree_across_weight_grads():
-    x = tf.random.stateless_normal((4, 4, 4, 8), seed=(1, 2))
+@pytest.mark.parametrize("stride", [1, 2])
+def test_layer_gradients_agree_across_backwards(stride):
+    x = tf.random.stateless_normal((4, 8, 8, 8), seed=(1, 2))
     grads = {}
-    for mode in ("onednn", "matmul"):
-        layer = layers.Conv2DFixedPadding(6, 3, 1, weight_grad=mode)
+    for mode in ("tf", "auto", "matmul"):
+        layer = layers.Conv2DFixedPadding(6, 3, stride, backward=mode)
         layer.build(x.shape)
         layer.kernel.assign(
             tf.random.stateless_normal(layer.kernel.shape, seed=(3, 4))
@@ -117,26 +119,27 @@ def test_layer_gradients_agree_across_weight_grads():
             y = layer(x)
             loss = tf.reduce_sum(y * tf.sin(y))
         grads[mode] = [y, *tape.gradient(loss, [x, layer.kernel])]
-    for a, b in zip(grads["onednn"], grads["matmul"], strict=True):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
+    for mode in ("auto", "matmul"):
+        for a, b in zip(grads["tf"], grads[mode], strict=True):
+            np.testing.assert_allclose(
+                a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4
+            )
 
 
 def test_auto_picks_matmul_only_for_small_3x3_maps():
     pick = conv_grad.use_matmul_weight_grad
-    assert pick("auto", 3, 1, (None, 4, 4, 512))
-    assert pick("auto", 3, 1, (None, 8, 8, 256))
+    assert pick(3, 1, (None, 4, 4, 512))
+    assert pick(3, 1, (None, 8, 8, 256))
     # The unpadded input shape: stride 2 halves it (rounding up).
-    assert pick("auto", 3, 2, (None, 8, 8, 256))  # To 4x4.
-    assert pick("auto", 3, 2, (None, 16, 16, 128))  # To 8x8.
-    assert not pick("auto", 3, 2, (None, 17, 17, 128))  # To 9x9.
-    assert not pick("auto", 3, 1, (None, 16, 16, 128))
-    assert not pick("auto", 3, 2, (None, 32, 32, 64))
-    assert not pick("auto", 1, 1, (None, 4, 4, 512))
-    assert not pick("auto", 3, 1, (None, None, None, 512))
-    assert pick("matmul", 1, 2, (None, 32, 32, 64))
-    assert not pick("onednn", 3, 1, (None, 4, 4, 512))
+    assert pick(3, 2, (None, 8, 8, 256))  # To 4x4.
+    assert pick(3, 2, (None, 16, 16, 128))  # To 8x8.
+    assert not pick(3, 2, (None, 17, 17, 128))  # To 9x9.
+    assert not pick(3, 1, (None, 16, 16, 128))
+    assert not pick(3, 2, (None, 32, 32, 64))
+    assert not pick(1, 1, (None, 4, 4, 512))
+    assert not pick(3, 1, (None, None, None, 512))
 
 
-def test_unknown_weight_grad_is_rejected():
-    with pytest.raises(ValueError, match="weight_grad='fast'"):
-        layers.Conv2DFixedPadding(4, 3, 1, weight_grad="fast")
+def test_unknown_backward_is_rejected():
+    with pytest.raises(ValueError, match="backward='fast'"):
+        layers.Conv2DFixedPadding(4, 3, 1, backward="fast")

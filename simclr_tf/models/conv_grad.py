@@ -13,6 +13,8 @@ gradient is a sum over the k*k kernel taps of one matmul each,
 which oneDNN's matmul runs at about twice the speed there. `conv2d` is
 the forward convolution with that kernel gradient (the input gradient is
 TF's own); `Conv2DFixedPadding` uses it where it was measured faster.
+`conv2d` also keeps only the unpadded input of a padded (strided)
+convolution for the backward pass, and recomputes the padding there.
 """
 
 from __future__ import annotations
@@ -21,8 +23,12 @@ import tensorflow as tf
 
 from simclr_tf import config as config_lib
 
-# `Conv2DFixedPadding(weight_grad=...)` values (`--conv_weight_grad`).
-WEIGHT_GRADS = config_lib.CONV_WEIGHT_GRADS
+# `Conv2DFixedPadding(backward=...)` values (`--conv_backward`): "tf" is
+# TensorFlow's own conv gradient; "auto" is `conv2d` (padding recomputed
+# in the backward pass) with the matmul kernel gradient where
+# `use_matmul_weight_grad`, oneDNN's elsewhere; "matmul" is `conv2d` with
+# the matmul kernel gradient everywhere.
+BACKWARDS = config_lib.CONV_BACKWARDS
 # `auto` uses the matmul kernel gradient for 3x3 convolutions whose output
 # has at most this many positions per image (a CIFAR ResNet's block groups
 # 3 and 4: 8x8 and 4x4). Measured per conv at batch 512 on a 2-core
@@ -86,71 +92,116 @@ def matmul_weight_grad(
     return tf.reshape(tf.stack(grads), [k, k, c_in, c_out])
 
 
-def conv2d(
-    x: tf.Tensor, kernel: tf.Tensor, stride: int, padding: str
-) -> tf.Tensor:
-    """`tf.nn.conv2d` with a matmul kernel gradient.
+def same_pads(k: int) -> tuple[int, int]:
+    """TF's SAME padding (before, after) of a stride-1 k x k conv."""
+    return (k - 1) // 2, k - 1 - (k - 1) // 2
 
-    The forward and input-gradient ops are TF's own (oneDNN), with "SAME"
-    or "VALID" padding: explicit padding lists leave oneDNN for a slow
-    bfloat16 path.
+
+def _paddings(pads: tuple[int, int]) -> list[list[int]]:
+    return [[0, 0], list(pads), list(pads), [0, 0]]
+
+
+def conv2d_forward(x, kernel, stride: int, pads: tuple[int, int]):
+    """The padded convolution with TF's (oneDNN's) own ops.
+
+    Explicit padding lists leave oneDNN for a slow bfloat16 path, so the
+    input is padded with `tf.pad` and convolved VALID (SAME at stride 1
+    when the pads are SAME's).
+    """
+    k = kernel.shape[0]
+    if stride == 1 and tuple(pads) == same_pads(k):
+        return tf.nn.conv2d(x, kernel, 1, "SAME")
+    if any(pads):
+        x = tf.pad(x, _paddings(pads))
+    return tf.nn.conv2d(x, kernel, stride, "VALID")
+
+
+def conv2d_backward(x, kernel, dy, stride: int, pads, matmul: bool):
+    """(input gradient, kernel gradient) of `conv2d_forward`.
+
+    The padded input is recomputed here, not kept from the forward pass.
+    The kernel gradient is `matmul_weight_grad` or oneDNN's
+    `Conv2DBackpropFilter` (`matmul` False).
+    """
+    k = kernel.shape[0]
+    strides = [1, stride, stride, 1]
+    x_padded = tf.pad(x, _paddings(pads)) if any(pads) else x
+    if stride == 1 and tuple(pads) == same_pads(k):
+        dx = tf.raw_ops.Conv2DBackpropInput(
+            input_sizes=tf.shape(x),
+            filter=kernel,
+            out_backprop=dy,
+            strides=strides,
+            padding="SAME",
+        )
+    else:
+        dx = tf.raw_ops.Conv2DBackpropInput(
+            input_sizes=tf.shape(x_padded),
+            filter=kernel,
+            out_backprop=dy,
+            strides=strides,
+            padding="VALID",
+        )
+        height, width = x.shape[1], x.shape[2]
+        dx = dx[:, pads[0] : pads[0] + height, pads[0] : pads[0] + width]
+    if matmul:
+        return dx, matmul_weight_grad(x_padded, dy, k, stride)
+    dk = tf.raw_ops.Conv2DBackpropFilter(
+        input=x_padded,
+        filter_sizes=tf.shape(kernel),
+        out_backprop=dy,
+        strides=strides,
+        padding="VALID",
+    )
+    return dx, dk
+
+
+def conv2d(
+    x: tf.Tensor,
+    kernel: tf.Tensor,
+    stride: int,
+    pads: tuple[int, int],
+    matmul: bool = True,
+) -> tf.Tensor:
+    """A padded convolution that keeps only its unpadded input.
 
     Args:
       x: (N, H, W, C_in) input with static H, W, C_in.
       kernel: (k, k, C_in, C_out), x's dtype.
       stride: stride along H and W.
-      padding: "SAME" (stride 1 only) or "VALID".
+      pads: zeros (before, after) added along H and along W.
+      matmul: kernel gradient by `matmul_weight_grad` (else oneDNN's).
 
     Returns:
-      `tf.nn.conv2d(x, kernel, stride, padding)`; its kernel gradient is
-      `matmul_weight_grad`, its input gradient TF's `Conv2DBackpropInput`.
+      `tf.nn.conv2d` of the padded input, VALID; its gradients are
+      `conv2d_backward`'s (TF's `Conv2DBackpropInput`, the chosen kernel
+      gradient), with the padding recomputed in the backward pass.
     """
-    k = kernel.shape[0]
-    if padding == "SAME" and stride != 1:
-        raise ValueError("conv2d: SAME padding needs stride 1.")
-    strides = [1, stride, stride, 1]
 
     @tf.custom_gradient
     def conv(x, kernel):
-        y = tf.nn.conv2d(x, kernel, strides, padding)
-
         def grad(dy):
-            dx = tf.raw_ops.Conv2DBackpropInput(
-                input_sizes=tf.shape(x),
-                filter=kernel,
-                out_backprop=dy,
-                strides=strides,
-                padding=padding,
-            )
-            x_padded = x
-            if padding == "SAME" and k > 1:  # TF's SAME at stride 1.
-                pads = [(k - 1) // 2, k - 1 - (k - 1) // 2]
-                x_padded = tf.pad(x, [[0, 0], pads, pads, [0, 0]])
-            return dx, matmul_weight_grad(x_padded, dy, k, stride)
+            return conv2d_backward(x, kernel, dy, stride, pads, matmul)
 
-        return y, grad
+        return conv2d_forward(x, kernel, stride, pads), grad
 
     return conv(x, kernel)
 
 
-def use_matmul_weight_grad(
-    weight_grad: str, kernel_size: int, stride: int, input_shape
-) -> bool:
-    """Whether a conv layer takes `conv2d` (True) or TF's own conv.
+def use_matmul_weight_grad(kernel_size: int, stride: int, input_shape) -> bool:
+    """Whether `--conv_backward=auto` takes the matmul kernel gradient.
 
     Args:
-      weight_grad: one of `WEIGHT_GRADS`.
       kernel_size: k of the square kernel.
       stride: the conv's stride.
-      input_shape: the NHWC input shape (H, W may be None).
+      input_shape: the unpadded NHWC input shape (H, W may be None).
 
     Returns:
-      True for "matmul" with static H, W, C, and for "auto" where it was
-      measured faster (3x3 with a small output, `AUTO_MAX_OUTPUT_POSITIONS`).
+      True where it was measured faster: 3x3 with at most
+      `AUTO_MAX_OUTPUT_POSITIONS` output positions per image.
     """
-    if weight_grad == "onednn" or None in tuple(input_shape)[1:]:
+    height, width = tuple(input_shape)[1:3]
+    if height is None or width is None:
         return False
-    if weight_grad == "matmul":
-        return True
-    out_positions = -(-input_shape[1] // stride) * -(-input_shape[2] // stride)
+    out_positions = -(-height // stride) * -(-width // stride)
     return kernel_size == 3 and out_positions <= AUTO_MAX_OUTPUT_POSITIONS

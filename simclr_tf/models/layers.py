@@ -66,7 +66,13 @@ class BatchNorm(keras.layers.BatchNormalization):
         x = tf.convert_to_tensor(inputs)
         if x.dtype not in (tf.float32, tf.bfloat16, tf.float16):
             x = tf.cast(x, tf.float32)
-        channels = x.shape[-1]
+        scale, offset = self.scale_and_offset(x.shape[-1])
+        y, mean, variance = fused_batch_norm(x, scale, offset, self.epsilon)
+        self.update_moving_statistics(mean, variance)
+        return tf.cast(y, self.compute_dtype)
+
+    def scale_and_offset(self, channels: int) -> tuple[tf.Tensor, tf.Tensor]:
+        """gamma and beta as float32 (ones / zeros when not learned)."""
         scale = (
             tf.cast(self.gamma, tf.float32)
             if self.scale
@@ -77,19 +83,30 @@ class BatchNorm(keras.layers.BatchNormalization):
             if self.center
             else tf.zeros([channels], tf.float32)
         )
-        # y: x's shape and dtype; mean, variance: (C,) float32, the
-        # variance with Bessel's correction n / (n - 1).
-        y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-            x, scale, offset, epsilon=self.epsilon, is_training=True
-        )
-        n = tf.cast(tf.size(x) // channels, tf.float32)
-        variance = variance * ((n - 1.0) / tf.maximum(n, 1.0))  # Biased.
+        return scale, offset
+
+    def update_moving_statistics(self, mean, variance) -> None:
+        """The Keras layer's moving-average update with batch statistics."""
         m = self.momentum
         self.moving_mean.assign(self.moving_mean * m + mean * (1.0 - m))
         self.moving_variance.assign(
             self.moving_variance * m + variance * (1.0 - m)
         )
-        return tf.cast(y, self.compute_dtype)
+
+
+def fused_batch_norm(x, scale, offset, epsilon: float):
+    """Training-mode batch norm of NHWC `x` as one fused op.
+
+    Returns:
+      (normalised x in x's dtype, batch mean, biased batch variance); the
+      statistics are (C,) float32.
+    """
+    # variance comes with Bessel's correction n / (n - 1).
+    y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+        x, scale, offset, epsilon=epsilon, is_training=True
+    )
+    n = tf.cast(tf.size(x) // x.shape[-1], tf.float32)
+    return y, mean, variance * ((n - 1.0) / tf.maximum(n, 1.0))
 
 
 def batch_norm(
@@ -162,10 +179,11 @@ class Conv2DFixedPadding(keras.layers.Conv2D):
       filters: output channels.
       kernel_size: square kernel size k.
       strides: stride s.
-      weight_grad: how the kernel gradient is computed (same function):
-        "onednn" is TF's own conv gradient, "matmul" is
-        `conv_grad.conv2d`'s k*k matmuls, "auto" picks matmul where it
-        was measured faster (`conv_grad.use_matmul_weight_grad`).
+      backward: how the gradients are computed (same function): "tf" is
+        TF's own conv gradient; "auto" is `conv_grad.conv2d` (padding
+        recomputed in the backward pass) with the matmul kernel gradient
+        where `conv_grad.use_matmul_weight_grad`; "matmul" uses the
+        matmul kernel gradient everywhere.
       **kwargs: passed to `keras.layers.Conv2D` (`padding` is derived).
     """
 
@@ -174,13 +192,13 @@ class Conv2DFixedPadding(keras.layers.Conv2D):
         filters: int,
         kernel_size,
         strides=1,
-        weight_grad: str = "auto",
+        backward: str = "auto",
         **kwargs,
     ):
-        if weight_grad not in conv_grad.WEIGHT_GRADS:
+        if backward not in conv_grad.BACKWARDS:
             raise ValueError(
-                f"Received: weight_grad={weight_grad!r}. Use one of "
-                f"{', '.join(conv_grad.WEIGHT_GRADS)}."
+                f"Received: backward={backward!r}. Use one of "
+                f"{', '.join(conv_grad.BACKWARDS)}."
             )
         kwargs.pop("padding", None)
         kwargs.setdefault("use_bias", False)
@@ -193,29 +211,40 @@ class Conv2DFixedPadding(keras.layers.Conv2D):
             padding="same" if stride == 1 else "valid",
             **kwargs,
         )
-        self.weight_grad = weight_grad
+        self.backward = backward
         pad_total = self.kernel_size[0] - 1 if stride > 1 else 0
         self._pads = (pad_total // 2, pad_total - pad_total // 2)
 
-    def _use_matmul(self, input_shape) -> bool:
-        """Whether this call takes `conv_grad.conv2d`."""
+    def custom_backward(self, input_shape) -> bool | None:
+        """None: TF's own conv; else whether `conv_grad.conv2d` (with
+        this padding, `conv_pads`) takes the matmul kernel gradient."""
         k = self.kernel_size[0]
         plain = self.dilation_rate == (1, 1) and self.groups == 1
-        if self.use_bias or not plain or self.kernel_size[1] != k:
-            return False
-        return conv_grad.use_matmul_weight_grad(
-            self.weight_grad, k, self.strides[0], input_shape
+        if self.backward == "tf" or self.use_bias or not plain:
+            return None
+        if self.kernel_size[1] != k or None in tuple(input_shape)[1:]:
+            return None
+        return self.backward == "matmul" or conv_grad.use_matmul_weight_grad(
+            k, self.strides[0], input_shape
         )
 
+    def conv_pads(self) -> tuple[int, int]:
+        """(before, after) zeros this conv adds along H and W."""
+        if self.strides[0] == 1:
+            return conv_grad.same_pads(self.kernel_size[0])
+        return self._pads
+
     def call(self, inputs):
-        use_matmul = self._use_matmul(inputs.shape)
+        matmul = self.custom_backward(inputs.shape)
+        # Unpadded with oneDNN's kernel gradient, conv2d is TF's own conv.
+        if matmul or (matmul is not None and any(self._pads)):
+            kernel = tf.cast(self.kernel, inputs.dtype)
+            return conv_grad.conv2d(
+                inputs, kernel, self.strides[0], self.conv_pads(), matmul
+            )
         if self._pads[1]:
             inputs = tf.pad(inputs, [[0, 0], self._pads, self._pads, [0, 0]])
-        if not use_matmul:
-            return super().call(inputs)
-        kernel = tf.cast(self.kernel, inputs.dtype)
-        padding = "SAME" if self.strides[0] == 1 else "VALID"
-        return conv_grad.conv2d(inputs, kernel, self.strides[0], padding)
+        return super().call(inputs)
 
     def compute_output_shape(self, input_shape):
         padded = list(input_shape)
@@ -225,7 +254,7 @@ class Conv2DFixedPadding(keras.layers.Conv2D):
         return super().compute_output_shape(tuple(padded))
 
     def get_config(self):
-        return {**super().get_config(), "weight_grad": self.weight_grad}
+        return {**super().get_config(), "backward": self.backward}
 
 
 @_register

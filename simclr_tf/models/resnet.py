@@ -26,6 +26,7 @@ from simclr_tf.models.layers import (
     build_once,
     set_layer_attributes,
 )
+from simclr_tf.models.recompute import bn_relu_conv
 
 # depth -> (block type, blocks per group), reference `resnet()`.
 BLOCKS = {
@@ -63,8 +64,10 @@ class _Block(keras.layers.Layer):
       global_bn: synchronised BN.
       zero_init_residual: start the last BN of the residual branch with
         gamma = 0 (reference); False starts it at 1.
-      conv_weight_grad: the convs' kernel-gradient formulation
-        (`Conv2DFixedPadding`'s `weight_grad`).
+      conv_backward: the convs' gradient formulation
+        (`Conv2DFixedPadding`'s `backward`).
+      recompute_bn_relu: keep only the conv output of conv-BN-ReLU-conv
+        chains for the backward pass (`recompute.bn_relu_conv`).
       **kwargs: base layer arguments.
     """
 
@@ -80,12 +83,14 @@ class _Block(keras.layers.Layer):
         batch_norm_decay: float = 0.9,
         global_bn: bool = True,
         zero_init_residual: bool = True,
-        conv_weight_grad: str = "auto",
+        conv_backward: str = "auto",
+        recompute_bn_relu: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.zero_init_residual = zero_init_residual
-        self.conv_weight_grad = conv_weight_grad
+        self.conv_backward = conv_backward
+        self.recompute_bn_relu = recompute_bn_relu
         self.filters = filters
         self.strides = strides
         self.use_projection = use_projection
@@ -119,7 +124,7 @@ class _Block(keras.layers.Layer):
 
     def _conv(self, filters: int, k: int, strides: int, name: str):
         return Conv2DFixedPadding(
-            filters, k, strides, weight_grad=self.conv_weight_grad, name=name
+            filters, k, strides, backward=self.conv_backward, name=name
         )
 
     def _bn(self, zero_gamma: bool = False, name: str | None = None):
@@ -168,7 +173,8 @@ class _Block(keras.layers.Layer):
             "batch_norm_decay": self.batch_norm_decay,
             "global_bn": self.global_bn,
             "zero_init_residual": self.zero_init_residual,
-            "conv_weight_grad": self.conv_weight_grad,
+            "conv_backward": self.conv_backward,
+            "recompute_bn_relu": self.recompute_bn_relu,
         }
 
 
@@ -198,8 +204,14 @@ class BasicBlock(_Block):
         self._build_shortcut_and_se(input_shape)
 
     def call(self, inputs, training=None):
-        x = tf.nn.relu(self.bn1(self.conv1(inputs), training=training))
-        x = self.bn2(self.conv2(x), training=training)
+        x = bn_relu_conv(
+            self.conv1(inputs),
+            self.bn1,
+            self.conv2,
+            training,
+            self.recompute_bn_relu,
+        )
+        x = self.bn2(x, training=training)
         return self._merge(x, inputs, training)
 
 
@@ -248,12 +260,16 @@ class BottleneckBlock(_Block):
         self._build_shortcut_and_se(input_shape)
 
     def call(self, inputs, training=None):
-        x = tf.nn.relu(self.bn1(self.conv1(inputs), training=training))
+        x = self.conv1(inputs)
         if self.sk_conv is not None:
+            x = tf.nn.relu(self.bn1(x, training=training))
             x = self.sk_conv(x, training=training)
+            x = self.conv3(x)
         else:
-            x = tf.nn.relu(self.bn2(self.conv2(x), training=training))
-        x = self.bn3(self.conv3(x), training=training)
+            recompute = self.recompute_bn_relu
+            x = bn_relu_conv(x, self.bn1, self.conv2, training, recompute)
+            x = bn_relu_conv(x, self.bn2, self.conv3, training, recompute)
+        x = self.bn3(x, training=training)
         return self._merge(x, inputs, training)
 
 
@@ -270,8 +286,8 @@ class BlockGroup(keras.layers.Layer):
       num_blocks: number of blocks.
       strides: stride of the first block.
       **kwargs: `sk_ratio`, `se_ratio`, `batch_norm_decay`, `global_bn`,
-        `zero_init_residual`, `conv_weight_grad` for the blocks; the rest
-        goes to the base layer.
+        `zero_init_residual`, `conv_backward`, `recompute_bn_relu` for the
+        blocks; the rest goes to the base layer.
     """
 
     def __init__(
@@ -285,7 +301,8 @@ class BlockGroup(keras.layers.Layer):
         batch_norm_decay: float = 0.9,
         global_bn: bool = True,
         zero_init_residual: bool = True,
-        conv_weight_grad: str = "auto",
+        conv_backward: str = "auto",
+        recompute_bn_relu: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -304,7 +321,8 @@ class BlockGroup(keras.layers.Layer):
             batch_norm_decay=batch_norm_decay,
             global_bn=global_bn,
             zero_init_residual=zero_init_residual,
-            conv_weight_grad=conv_weight_grad,
+            conv_backward=conv_backward,
+            recompute_bn_relu=recompute_bn_relu,
         )
         block_cls = _BLOCK_TYPES[block_type]
         self._block_names = set_layer_attributes(
@@ -369,7 +387,7 @@ class Stem(keras.layers.Layer):
       batch_norm_decay: BN momentum.
       global_bn: synchronised BN.
       base_width: b, the stem's output channels at m = 1 (reference 64).
-      conv_weight_grad: `Conv2DFixedPadding`'s `weight_grad`.
+      conv_backward: `Conv2DFixedPadding`'s `backward`.
       **kwargs: base layer arguments.
     """
 
@@ -381,13 +399,13 @@ class Stem(keras.layers.Layer):
         batch_norm_decay: float = 0.9,
         global_bn: bool = True,
         base_width: int = 64,
-        conv_weight_grad: str = "auto",
+        conv_backward: str = "auto",
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.width_multiplier = width_multiplier
         self.cifar_stem = cifar_stem
-        self.conv_weight_grad = conv_weight_grad
+        self.conv_backward = conv_backward
         self.sk_ratio = sk_ratio
         self.batch_norm_decay = batch_norm_decay
         self.global_bn = global_bn
@@ -403,7 +421,7 @@ class Stem(keras.layers.Layer):
             self,
             [
                 Conv2DFixedPadding(
-                    f, k, s, weight_grad=conv_weight_grad, name=f"conv{i}"
+                    f, k, s, backward=conv_backward, name=f"conv{i}"
                 )
                 for i, (f, k, s) in enumerate(specs)
             ],
@@ -456,7 +474,7 @@ class Stem(keras.layers.Layer):
             "batch_norm_decay": self.batch_norm_decay,
             "global_bn": self.global_bn,
             "base_width": self.base_width,
-            "conv_weight_grad": self.conv_weight_grad,
+            "conv_backward": self.conv_backward,
         }
 
 
@@ -488,9 +506,10 @@ class ResNet(keras.layers.Layer):
         32 gives a half-width network).
       zero_init_residual: gamma = 0 for the last BN of every residual
         branch (reference); False starts it at 1.
-      conv_weight_grad: how conv kernel gradients are computed (same
-        values; `Conv2DFixedPadding`'s `weight_grad`): "auto", "onednn"
-        or "matmul".
+      conv_backward: how conv gradients are computed (same values;
+        `Conv2DFixedPadding`'s `backward`): "auto", "tf" or "matmul".
+      recompute_bn_relu: blocks keep only the conv output of
+        conv-BN-ReLU-conv chains for the backward pass.
       **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Raises:
@@ -509,7 +528,8 @@ class ResNet(keras.layers.Layer):
         fine_tune_after_block: int = -1,
         base_width: int = 64,
         zero_init_residual: bool = True,
-        conv_weight_grad: str = "auto",
+        conv_backward: str = "auto",
+        recompute_bn_relu: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -533,11 +553,12 @@ class ResNet(keras.layers.Layer):
         self.fine_tune_after_block = fine_tune_after_block
         self.base_width = base_width
         self.zero_init_residual = zero_init_residual
-        self.conv_weight_grad = conv_weight_grad
+        self.conv_backward = conv_backward
+        self.recompute_bn_relu = recompute_bn_relu
         bn_kwargs = dict(
             batch_norm_decay=batch_norm_decay,
             global_bn=global_bn,
-            conv_weight_grad=conv_weight_grad,
+            conv_backward=conv_backward,
         )
         self.stem = Stem(
             width_multiplier,
@@ -557,6 +578,7 @@ class ResNet(keras.layers.Layer):
                 sk_ratio=sk_ratio,
                 se_ratio=se_ratio,
                 zero_init_residual=zero_init_residual,
+                recompute_bn_relu=recompute_bn_relu,
                 name=f"block_group{i + 1}",
                 **bn_kwargs,
             )
@@ -613,5 +635,6 @@ class ResNet(keras.layers.Layer):
             "fine_tune_after_block": self.fine_tune_after_block,
             "base_width": self.base_width,
             "zero_init_residual": self.zero_init_residual,
-            "conv_weight_grad": self.conv_weight_grad,
+            "conv_backward": self.conv_backward,
+            "recompute_bn_relu": self.recompute_bn_relu,
         }
