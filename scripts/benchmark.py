@@ -26,9 +26,12 @@ time are its own) and:
    but no disk is read. `--input_pipeline=off` feeds one fixed batch of
    views instead, which leaves only the compute;
 4. reports the time of the first call (one step: tracing + first
-   execution), then, after `--warmup_steps` more, the median images/s over
-   `--steps` timed steps (`--steps_per_loop` steps per call); the peak RSS
-   (`ru_maxrss`) and the 1-minute load average at start and end;
+   execution) and the time from the process launch to the end of that
+   step less the benchmark's own measurements before it (matmul, FLOP
+   count): what a run takes to get going; then, after `--warmup_steps`
+   more, the median images/s over `--steps` timed steps
+   (`--steps_per_loop` steps per call); the peak RSS (`ru_maxrss`) and
+   the 1-minute load average at start and end;
 5. then runs `--profile_steps` more steps under the TF profiler and
    reports the op time per step by op type (`top_ops`): where the compute
    goes. Compare with `pipeline_only` and `*_nopipe` for the input side.
@@ -220,6 +223,8 @@ def _config(preset: tuple[str, bool, str, str]):
             jit_compile=jit,
             cpu_replicas=FLAGS.replicas,
             steps_per_loop=FLAGS.steps_per_loop,
+            conv_backward=FLAGS.conv_backward,
+            recompute_bn_relu=FLAGS.recompute_bn_relu,
             seed=0,
         )
     )
@@ -289,7 +294,9 @@ def run_worker(name: str, preset: tuple[str, bool, str, str]) -> dict:
     num_classes = 10
     config = _config(preset)
     strategy = distribute.build_strategy(config.runtime)
+    own_start = time.time()  # The benchmark's own measurements.
     matmul_before = matmul_flops_per_s(FLAGS.matmul_n, FLAGS.matmul_seconds)
+    own_s = time.time() - own_start
     info = input_pipeline.DatasetInfo(
         num_train_examples=FLAGS.num_images,
         num_eval_examples=0,
@@ -299,10 +306,12 @@ def run_worker(name: str, preset: tuple[str, bool, str, str]) -> dict:
         config, strategy, info
     )
     size = config.data.image_size
+    own_start = time.time()
     forward = count_graph_flops(
         lambda x: model(x, training=False),
         tf.TensorSpec((1, size, size, 6), tf.float32),
     )
+    own_s += time.time() - own_start
     train_flops = 3 * forward  # Per two-view image: forward + backward.
     dataset = _dataset(config, strategy, preset[2] == "on", num_classes)
     iterator = iter(dataset)
@@ -317,6 +326,9 @@ def run_worker(name: str, preset: tuple[str, bool, str, str]) -> dict:
     first = loop(iterator, tf.constant(1, tf.int32))
     loss_first = float(first["total_loss"])
     first_step_s = time.perf_counter() - start
+    launch_s = (
+        time.time() - FLAGS.launch_time - own_s if FLAGS.launch_time else 0
+    )
     per_loop = FLAGS.steps_per_loop
     n = tf.constant(per_loop, tf.int32)
     for _ in range(-(-FLAGS.warmup_steps // per_loop)):
@@ -359,6 +371,9 @@ def run_worker(name: str, preset: tuple[str, bool, str, str]) -> dict:
         images_per_s=round(images_per_s, 2),
         images_per_s_samples=[round(r, 2) for r in rates],
         first_step_s=round(first_step_s, 1),
+        launch_to_first_step_s=round(launch_s, 1),
+        conv_backward=FLAGS.conv_backward,
+        recompute_bn_relu=FLAGS.recompute_bn_relu,
         peak_rss_gib=round(peak, 2),
         forward_gflops_per_image=round(forward / 1e9, 3),
         train_gflops_per_image=round(train_flops / 1e9, 3),
@@ -416,6 +431,15 @@ def define_flags() -> None:
         ["on", "off"],
         "custom: off restores Keras 3's unfused batch norm (for comparison).",
     )
+    flags.DEFINE_enum(
+        "conv_backward",
+        "auto",
+        ["auto", "tf", "matmul"],
+        "--conv_backward of the runs (tf: TensorFlow's own conv gradients).",
+    )
+    flags.DEFINE_bool(
+        "recompute_bn_relu", True, "--recompute_bn_relu of the runs."
+    )
     flags.DEFINE_integer("steps", 6, "Timed steps per configuration.")
     flags.DEFINE_integer(
         "warmup_steps", 1, "Untimed steps after the first (traced) one."
@@ -439,6 +463,9 @@ def define_flags() -> None:
     flags.DEFINE_string("json_out", None, "Also write JSON here.")
     flags.DEFINE_string(
         "worker", None, "Internal: run this configuration in this process."
+    )
+    flags.DEFINE_float(
+        "launch_time", 0.0, "Internal: time.time() when the parent launched."
     )
 
 
@@ -523,9 +550,12 @@ def _run_child(name: str) -> dict:
             "profile_steps",
             "matmul_seconds",
             "matmul_n",
+            "conv_backward",
+            "recompute_bn_relu",
         )
     ]
     args = [sys.executable, os.path.abspath(__file__), f"--worker={name}"]
+    args.append(f"--launch_time={time.time()!r}")
     env = dict(
         os.environ,
         TF_CPP_MIN_LOG_LEVEL="2",
@@ -547,6 +577,7 @@ TABLE_COLUMNS = (
     ("config", "config", "{}"),
     ("images/s", "images_per_s", "{:.1f}"),
     ("first step s", "first_step_s", "{:.1f}"),
+    ("launch to 1st step s", "launch_to_first_step_s", "{:.1f}"),
     ("peak RSS GiB", "peak_rss_gib", "{:.2f}"),
     ("GFLOPs/image", "train_gflops_per_image", "{:.2f}"),
     ("GFLOP/s", "achieved_gflops_per_s", "{:.0f}"),
