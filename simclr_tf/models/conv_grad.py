@@ -39,40 +39,42 @@ BACKWARDS = config_lib.CONV_BACKWARDS
 AUTO_MAX_OUTPUT_POSITIONS = 64
 
 
-def _taps(x_padded: tf.Tensor, k: int, stride: int, out_h: int, out_w: int):
-    """The (N, out_h, out_w, C) window of each kernel tap, row-major."""
-    if stride > 1:
-        # Phase-split once, x[s*h + i] = phases[i % s][h + i // s], so
-        # that each tap is a contiguous window (strided slices copy
-        # slowly on CPU).
-        n, h, w, c = x_padded.shape
-        extra_h, extra_w = -h % stride, -w % stride
-        if extra_h or extra_w:
-            x_padded = tf.pad(
-                x_padded, [[0, 0], [0, extra_h], [0, extra_w], [0, 0]]
-            )
-        h, w = h + extra_h, w + extra_w
-        phases = tf.reshape(
-            x_padded, [-1, h // stride, stride, w // stride, stride, c]
+def _tap_source(x_padded: tf.Tensor, stride: int) -> tf.Tensor:
+    """What `_tap` slices: x, or its stride x stride phases."""
+    if stride == 1:
+        return x_padded
+    # Phase-split once, x[s*h + i] = phases[i % s][h + i // s], so that
+    # each tap is a contiguous window (strided slices copy slowly on CPU).
+    _, h, w, c = x_padded.shape
+    extra_h, extra_w = -h % stride, -w % stride
+    if extra_h or extra_w:
+        x_padded = tf.pad(
+            x_padded, [[0, 0], [0, extra_h], [0, extra_w], [0, 0]]
         )
-        phases = tf.transpose(phases, [2, 4, 0, 1, 3, 5])
-    taps = []
-    for i in range(k):
-        for j in range(k):
-            if stride == 1:
-                tap = x_padded[:, i : i + out_h, j : j + out_w, :]
-            else:
-                a, b = i // stride, j // stride
-                tap = phases[i % stride, j % stride, :, a : a + out_h]
-                tap = tap[:, :, b : b + out_w, :]
-            taps.append(tap)
-    return taps
+    h, w = h + extra_h, w + extra_w
+    phases = tf.reshape(
+        x_padded, [-1, h // stride, stride, w // stride, stride, c]
+    )
+    return tf.transpose(phases, [2, 4, 0, 1, 3, 5])
+
+
+def _tap(source, i: int, j: int, stride: int, out_h: int, out_w: int):
+    """The (N, out_h, out_w, C) input window that kernel tap (i, j) sees."""
+    if stride == 1:
+        return source[:, i : i + out_h, j : j + out_w, :]
+    a, b = i // stride, j // stride
+    tap = source[i % stride, j % stride, :, a : a + out_h]
+    return tap[:, :, b : b + out_w, :]
 
 
 def matmul_weight_grad(
     x_padded: tf.Tensor, dy: tf.Tensor, k: int, stride: int
 ) -> tf.Tensor:
     """Gradient of a VALID k x k convolution's kernel, as k*k matmuls.
+
+    Inside a `tf.function` the window copies wait for `dy` and for the
+    previous tap's matmul: left free, the executor would make them as soon
+    as `x_padded` exists (all of them, in the forward pass).
 
     Args:
       x_padded: (N, H, W, C_in) input, already padded (static shape).
@@ -85,11 +87,16 @@ def matmul_weight_grad(
     """
     c_in, (_, out_h, out_w, c_out) = x_padded.shape[-1], dy.shape
     flat_dy = tf.reshape(dy, [-1, c_out])
-    grads = [
-        tf.matmul(tf.reshape(tap, [-1, c_in]), flat_dy, transpose_a=True)
-        for tap in _taps(x_padded, k, stride, out_h, out_w)
-    ]
-    return tf.reshape(tf.stack(grads), [k, k, c_in, c_out])
+    with tf.control_dependencies([dy]):
+        source = _tap_source(x_padded, stride)
+    grads = [flat_dy]
+    for i in range(k):
+        for j in range(k):
+            with tf.control_dependencies(grads[-1:]):
+                tap = _tap(source, i, j, stride, out_h, out_w)
+            tap = tf.reshape(tap, [-1, c_in])
+            grads.append(tf.matmul(tap, flat_dy, transpose_a=True))
+    return tf.reshape(tf.stack(grads[1:]), [k, k, c_in, c_out])
 
 
 def same_pads(k: int) -> tuple[int, int]:
@@ -125,7 +132,8 @@ def conv2d_backward(x, kernel, dy, stride: int, pads, matmul: bool):
     """
     k = kernel.shape[0]
     strides = [1, stride, stride, 1]
-    x_padded = tf.pad(x, _paddings(pads)) if any(pads) else x
+    with tf.control_dependencies([dy]):  # Not in the forward pass.
+        x_padded = tf.pad(x, _paddings(pads)) if any(pads) else x
     if stride == 1 and tuple(pads) == same_pads(k):
         dx = tf.raw_ops.Conv2DBackpropInput(
             input_sizes=tf.shape(x),

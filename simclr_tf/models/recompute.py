@@ -69,7 +69,8 @@ def bn_relu_conv(
         y = conv_grad.conv2d_forward(a, kernel, stride, pads)
 
         def grad(dy, *unused_statistics_grads):
-            with tf.GradientTape() as tape:
+            # Waiting for dy keeps the executor from recomputing early.
+            with tf.control_dependencies([dy]), tf.GradientTape() as tape:
                 tape.watch([z, scale, offset])
                 a, _, _ = bn_relu(z, scale, offset)
             da, dk = conv_grad.conv2d_backward(
