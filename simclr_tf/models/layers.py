@@ -68,7 +68,7 @@ class BatchNorm(keras.layers.BatchNormalization):
             x = tf.cast(x, tf.float32)
         scale, offset = self.scale_and_offset(x.shape[-1])
         y, mean, variance = fused_batch_norm(x, scale, offset, self.epsilon)
-        self.update_moving_statistics(mean, variance)
+        self._update_moving_statistics(mean, variance)
         return tf.cast(y, self.compute_dtype)
 
     def scale_and_offset(self, channels: int) -> tuple[tf.Tensor, tf.Tensor]:
@@ -85,7 +85,7 @@ class BatchNorm(keras.layers.BatchNormalization):
         )
         return scale, offset
 
-    def update_moving_statistics(self, mean, variance) -> None:
+    def _update_moving_statistics(self, mean, variance) -> None:
         """The Keras layer's moving-average update with batch statistics."""
         m = self.momentum
         self.moving_mean.assign(self.moving_mean * m + mean * (1.0 - m))

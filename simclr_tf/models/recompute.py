@@ -84,5 +84,5 @@ def bn_relu_conv(
         return (y, mean, variance), grad
 
     y, mean, variance = chain(z, scale, offset, kernel)
-    bn.update_moving_statistics(mean, variance)
+    bn._update_moving_statistics(mean, variance)
     return y
