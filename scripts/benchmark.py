@@ -18,13 +18,14 @@ time are its own) and:
    elementwise ops, 2 FLOPs per multiply-add); training FLOPs are forward
    x 3 (the backward pass computes two products per forward product);
 3. builds the model and optimizer with `experiment.build_model_and_optimizer`
-   and trains with the engine's own `step.make_replica_step` and
-   `step.make_train_loop`, on synthetic data: an in-memory dataset of random
-   uint8 32x32 images that goes through the real training augmentation
-   (the pipeline's traced view function, two views, `AUTOTUNE` parallel
-   map, batch, prefetch), so the augmentation costs what it costs in a run
-   but no disk is read. `--input_pipeline=off` feeds one fixed batch of
-   views instead, which leaves only the compute;
+   and trains with the engine's own `step.make_replica_step` (the run's
+   objective, `factory.build_objective`) and `step.make_train_loop`, on
+   synthetic data: random uint8 32x32 images in memory
+   (`sources.ArraySource`) fed through the real input pipeline
+   (`input_pipeline.build_distributed_dataset`: shuffle, two augmented
+   views, batch, prefetch), so the augmentation costs what it costs in a
+   run but no disk is read. `--input_pipeline=off` feeds one fixed batch of
+   that pipeline instead, which leaves only the compute;
 4. reports the time of the first call (one step: tracing + first
    execution) and the time from the process launch to the end of that
    step less the benchmark's own measurements before it (matmul, FLOP
@@ -44,12 +45,14 @@ Configurations (`--configs`, comma-separated): `float32`, `bf16`
 (`--mixed_precision=bfloat16`), `xla` (float32 + `--jit_compile`),
 `bf16_xla`, `float32_nopipe`, `bf16_nopipe` (input pipeline off),
 `*_unfused` (Keras 3's own batch norm instead of the fused one, for
-comparison), `custom` (exactly the flags given) and `pipeline_only` (the
-augmentation pipeline alone, no model: reported below the table).
+comparison: `layers.set_fused_training`), `custom` (exactly the flags
+given) and `pipeline_only` (the augmentation pipeline alone, no model:
+reported below the table).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -200,19 +203,41 @@ def top_ops(logdir: str, steps: int, k: int = 8) -> list[dict]:
     ]
 
 
-def _config(preset: tuple[str, bool, str, str]):
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What every configuration of one benchmark run shares: the flags of
+    the same names (see `define_flags`)."""
+
+    batch_size: int
+    depth: int
+    width_multiplier: int
+    image_size: int
+    replicas: int
+    steps: int
+    warmup_steps: int
+    steps_per_loop: int
+    num_images: int
+    profile_steps: int
+    matmul_seconds: float
+    matmul_n: int
+    conv_backward: str = "auto"
+    recompute_bn_relu: bool = True
+
+
+def benchmark_config(preset: tuple[str, bool, str, str], settings: Settings):
+    """The run config of one configuration: flags/cifar10_pretrain.cfg at
+    the benchmark's batch size, precision and XLA of the preset."""
     from simclr_tf import config as config_lib
 
     mixed, jit, _, _ = preset
     return config_lib.from_flat(
         dict(
-            # flags/cifar10_pretrain.cfg, at the benchmark's batch size.
             train_mode="pretrain",
             lineareval_while_pretraining=True,
-            image_size=FLAGS.image_size,
-            resnet_depth=FLAGS.depth,
-            width_multiplier=FLAGS.width_multiplier,
-            train_batch_size=FLAGS.batch_size,
+            image_size=settings.image_size,
+            resnet_depth=settings.depth,
+            width_multiplier=settings.width_multiplier,
+            train_batch_size=settings.batch_size,
             train_steps=10**6,
             learning_rate=1.0,
             weight_decay=1e-4,
@@ -221,62 +246,134 @@ def _config(preset: tuple[str, bool, str, str]):
             color_jitter_strength=0.5,
             mixed_precision=mixed,
             jit_compile=jit,
-            cpu_replicas=FLAGS.replicas,
-            steps_per_loop=FLAGS.steps_per_loop,
-            conv_backward=FLAGS.conv_backward,
-            recompute_bn_relu=FLAGS.recompute_bn_relu,
+            cpu_replicas=settings.replicas,
+            steps_per_loop=settings.steps_per_loop,
+            conv_backward=settings.conv_backward,
+            recompute_bn_relu=settings.recompute_bn_relu,
             seed=0,
         )
     )
 
 
-def _dataset(config, strategy, pipeline: bool, num_classes: int):
-    """The distributed (views, one-hot labels) dataset of the benchmark."""
+def random_image_source(num_images: int, size: int, num_classes: int = 10):
+    """`num_images` random uint8 images with random labels, in memory."""
     import numpy as np
+
+    from simclr_tf.data import sources
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (num_images, size, size, 3), np.uint8)
+    labels = rng.integers(0, num_classes, num_images)
+    return sources.ArraySource(
+        {"train": (images, labels)},
+        class_names=[str(c) for c in range(num_classes)],
+        name="random images",
+    )
+
+
+def training_dataset(config, strategy, source, num_views: int, pipeline: bool):
+    """The real training pipeline over `source`, or (`pipeline=False`) its
+    first batch repeated: the step's compute alone."""
     import tensorflow as tf
 
-    from simclr_tf.data import augment, input_pipeline
+    from simclr_tf.data import input_pipeline
 
-    size = config.data.image_size
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (FLAGS.num_images, size, size, 3), np.uint8)
-    labels = rng.integers(0, num_classes, (FLAGS.num_images,), np.int32)
-    kwargs = input_pipeline.train_view_kwargs(config.data, pretrain=True)
-    view = input_pipeline._train_view_fn(size, tuple(sorted(kwargs.items())))
+    kwargs = dict(is_training=True, pretrain=True, num_views=num_views)
     global_batch = config.train.train_batch_size
+    if pipeline:
+        return input_pipeline.build_distributed_dataset(
+            strategy,
+            source,
+            config.data,
+            global_batch_size=global_batch,
+            **kwargs,
+        )
 
     def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
-        batch = ctx.get_per_replica_batch_size(global_batch)
-        ds = tf.data.Dataset.from_tensor_slices((images, labels)).repeat()
-        ds = ds.enumerate()
-
-        def preprocess(index, example):
-            image, label = example
-            seed = tf.stack(
-                [index, tf.constant(ctx.input_pipeline_id, tf.int64)]
-            )
-            views = [view(image, s) for s in augment.split_seed(seed, 2)]
-            return tf.concat(views, -1), tf.one_hot(label, num_classes)
-
-        if pipeline:
-            ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-            ds = ds.batch(batch, drop_remainder=True)
-        else:
-            fixed = next(
-                iter(ds.map(preprocess).batch(batch, drop_remainder=True))
-            )
-            ds = tf.data.Dataset.from_tensors(fixed).repeat()
-        return ds.prefetch(tf.data.AUTOTUNE)
+        ds = input_pipeline.build_dataset(
+            source,
+            config.data,
+            batch_size=ctx.get_per_replica_batch_size(global_batch),
+            input_context=ctx,
+            **kwargs,
+        )
+        return tf.data.Dataset.from_tensors(next(iter(ds))).repeat()
 
     return strategy.distribute_datasets_from_function(dataset_fn)
 
 
-def run_worker(name: str, preset: tuple[str, bool, str, str]) -> dict:
+def _train_loop(config, strategy, model, optimizer):
+    """The engine's own multi-step training function, with the run's
+    objective (`factory.build_objective`)."""
+    from simclr_tf.models import factory
+    from simclr_tf.training import step as step_lib
+
+    objective = factory.build_objective(config, model)
+    return step_lib.make_train_loop(
+        strategy,
+        step_lib.make_replica_step(model, optimizer, objective),
+        list(objective.metric_names),
+        jit_compile=config.runtime.jit_compile,
+    )
+
+
+def _time_steps(loop, iterator, settings: Settings) -> dict:
+    """Times the first call (one step), then `settings.steps` steps after
+    `settings.warmup_steps` untimed ones."""
+    import tensorflow as tf
+
+    start = time.perf_counter()
+    loss_first = float(loop(iterator, tf.constant(1, tf.int32))["total_loss"])
+    first_step_s = time.perf_counter() - start
+    first_step_end = time.time()
+    per_loop = settings.steps_per_loop
+    n = tf.constant(per_loop, tf.int32)
+    for _ in range(-(-settings.warmup_steps // per_loop)):
+        float(loop(iterator, n)["total_loss"])
+    rates = []
+    for _ in range(max(1, settings.steps // per_loop)):
+        start = time.perf_counter()
+        loss = float(loop(iterator, n)["total_loss"])
+        rates.append(
+            per_loop * settings.batch_size / (time.perf_counter() - start)
+        )
+    return dict(
+        first_step_s=first_step_s,
+        first_step_end=first_step_end,
+        rates=rates,
+        loss_first=loss_first,
+        loss_last=loss,
+    )
+
+
+def _profile_ops(loop, iterator, steps: int) -> list[dict]:
+    """`top_ops` of `steps` single-step calls under the TF profiler."""
+    import tempfile
+
+    import tensorflow as tf
+
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        for _ in range(steps):
+            float(loop(iterator, tf.constant(1, tf.int32))["total_loss"])
+        tf.profiler.experimental.stop()
+        return top_ops(logdir, steps)
+
+
+def run_worker(
+    name: str,
+    preset: tuple[str, bool, str, str],
+    settings: Settings,
+    launch_time: float = 0.0,
+) -> dict:
     """Measures one configuration in this (fresh) process.
 
     Args:
       name: the configuration's name, echoed in the result.
       preset: (mixed_precision, jit_compile, input_pipeline, fused_bn).
+      settings: what every configuration shares.
+      launch_time: `time.time()` when the parent launched this process
+        (0: launch_to_first_step_s is 0).
 
     Returns:
       The measurements as a JSON-able dict.
@@ -285,78 +382,47 @@ def run_worker(name: str, preset: tuple[str, bool, str, str]) -> dict:
     import tensorflow as tf
 
     from simclr_tf import distribute, experiment
-    from simclr_tf.data import input_pipeline
     from simclr_tf.models import layers
-    from simclr_tf.training import step as step_lib
 
-    if preset[3] == "off":  # Keras 3's own (unfused) batch norm everywhere.
-        layers.BatchNorm._fused_training = lambda self, *args: False
-    num_classes = 10
-    config = _config(preset)
+    config = benchmark_config(preset, settings)
     strategy = distribute.build_strategy(config.runtime)
     own_start = time.time()  # The benchmark's own measurements.
-    matmul_before = matmul_flops_per_s(FLAGS.matmul_n, FLAGS.matmul_seconds)
+    matmul_before = matmul_flops_per_s(
+        settings.matmul_n, settings.matmul_seconds
+    )
     own_s = time.time() - own_start
-    info = input_pipeline.DatasetInfo(
-        num_train_examples=FLAGS.num_images,
-        num_eval_examples=0,
-        num_classes=num_classes,
-    )
-    model, optimizer = experiment.build_model_and_optimizer(
-        config, strategy, info
-    )
     size = config.data.image_size
+    source = random_image_source(settings.num_images, size)
+    model, optimizer = experiment.build_model_and_optimizer(
+        config, strategy, source.info
+    )
+    if preset[3] == "off":  # Keras 3's own (unfused) batch norm everywhere.
+        layers.set_fused_training(model, False)
     own_start = time.time()
     forward = count_graph_flops(
         lambda x: model(x, training=False),
-        tf.TensorSpec((1, size, size, 6), tf.float32),
+        tf.TensorSpec((1, size, size, 3 * model.num_views), tf.float32),
     )
     own_s += time.time() - own_start
     train_flops = 3 * forward  # Per two-view image: forward + backward.
-    dataset = _dataset(config, strategy, preset[2] == "on", num_classes)
+    dataset = training_dataset(
+        config, strategy, source, model.num_views, preset[2] == "on"
+    )
     iterator = iter(dataset)
-    names = step_lib.metric_names(config, model.supervised_head is not None)
-    loop = step_lib.make_train_loop(
-        strategy,
-        step_lib.make_replica_step(model, optimizer, config),
-        names,
-        jit_compile=config.runtime.jit_compile,
-    )
-    start = time.perf_counter()
-    first = loop(iterator, tf.constant(1, tf.int32))
-    loss_first = float(first["total_loss"])
-    first_step_s = time.perf_counter() - start
+    loop = _train_loop(config, strategy, model, optimizer)
+    timed = _time_steps(loop, iterator, settings)
     launch_s = (
-        time.time() - FLAGS.launch_time - own_s if FLAGS.launch_time else 0
+        timed["first_step_end"] - launch_time - own_s if launch_time else 0.0
     )
-    per_loop = FLAGS.steps_per_loop
-    n = tf.constant(per_loop, tf.int32)
-    for _ in range(-(-FLAGS.warmup_steps // per_loop)):
-        float(loop(iterator, n)["total_loss"])
-    rates = []
-    for _ in range(max(1, FLAGS.steps // per_loop)):
-        start = time.perf_counter()
-        metrics = loop(iterator, n)
-        loss = float(metrics["total_loss"])
-        rates.append(
-            per_loop
-            * config.train.train_batch_size
-            / (time.perf_counter() - start)
-        )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
-    matmul_after = matmul_flops_per_s(FLAGS.matmul_n, FLAGS.matmul_seconds)
-    images_per_s = statistics.median(rates)
+    matmul_after = matmul_flops_per_s(
+        settings.matmul_n, settings.matmul_seconds
+    )
+    images_per_s = statistics.median(timed["rates"])
     matmul = (matmul_before + matmul_after) / 2
     ops = []
-    if FLAGS.profile_steps > 0:  # After the timing and the peak RSS.
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as logdir:
-            tf.profiler.experimental.start(logdir)
-            for _ in range(FLAGS.profile_steps):
-                float(loop(iterator, tf.constant(1, tf.int32))["total_loss"])
-            tf.profiler.experimental.stop()
-            ops = top_ops(logdir, FLAGS.profile_steps)
+    if settings.profile_steps > 0:  # After the timing and the peak RSS.
+        ops = _profile_ops(loop, iterator, settings.profile_steps)
     return dict(
         config=name,
         mixed_precision=preset[0],
@@ -369,11 +435,11 @@ def run_worker(name: str, preset: tuple[str, bool, str, str]) -> dict:
         image_size=size,
         replicas=strategy.num_replicas_in_sync,
         images_per_s=round(images_per_s, 2),
-        images_per_s_samples=[round(r, 2) for r in rates],
-        first_step_s=round(first_step_s, 1),
+        images_per_s_samples=[round(r, 2) for r in timed["rates"]],
+        first_step_s=round(timed["first_step_s"], 1),
         launch_to_first_step_s=round(launch_s, 1),
-        conv_backward=FLAGS.conv_backward,
-        recompute_bn_relu=FLAGS.recompute_bn_relu,
+        conv_backward=settings.conv_backward,
+        recompute_bn_relu=settings.recompute_bn_relu,
         peak_rss_gib=round(peak, 2),
         forward_gflops_per_image=round(forward / 1e9, 3),
         train_gflops_per_image=round(train_flops / 1e9, 3),
@@ -385,8 +451,8 @@ def run_worker(name: str, preset: tuple[str, bool, str, str]) -> dict:
         ],
         fraction_of_matmul=round(images_per_s * train_flops / matmul, 3),
         top_ops=ops,
-        loss_first=round(loss_first, 4),
-        loss_last=round(loss, 4),
+        loss_first=round(timed["loss_first"], 4),
+        loss_last=round(timed["loss_last"], 4),
         load_avg_1min_start_end=[
             round(load_start, 2),
             round(os.getloadavg()[0], 2),
@@ -469,23 +535,28 @@ def define_flags() -> None:
     )
 
 
-def run_pipeline_worker() -> dict:
+def run_pipeline_worker(settings: Settings) -> dict:
     """Measures the input pipeline alone, in this (fresh) process.
 
-    Builds the benchmark's augmentation pipeline (as `run_worker` with the
+    Builds the benchmark's training pipeline (as `run_worker` with the
     pipeline on), reads warm-up batches (more than prefetch can hold
-    ready), then times `2 * --steps` (at least 8) batches with nothing
-    else running in the process; samples are per pair of batches.
+    ready), then times `2 * settings.steps` (at least 8) batches with
+    nothing else running in the process; samples are per pair of batches.
 
     Returns:
       {"config": "pipeline_only", "images_per_s": over all timed, ...}.
     """
     load_start = os.getloadavg()[0]
     from simclr_tf import distribute
+    from simclr_tf.models import factory
 
-    config = _config(PRESETS["float32"])
+    config = benchmark_config(PRESETS["float32"], settings)
     strategy = distribute.build_strategy(config.runtime)
-    iterator = iter(_dataset(config, strategy, True, 10))
+    source = random_image_source(settings.num_images, config.data.image_size)
+    dataset = training_dataset(
+        config, strategy, source, factory.PRETRAIN_VIEWS, pipeline=True
+    )
+    iterator = iter(dataset)
     start = time.perf_counter()
     next(iterator)
     first_s = time.perf_counter() - start
@@ -493,7 +564,7 @@ def run_pipeline_worker() -> dict:
         next(iterator)
     batch = config.train.train_batch_size
     times = []
-    for _ in range(max(4, FLAGS.steps)):
+    for _ in range(max(4, settings.steps)):
         start = time.perf_counter()
         for _ in range(2):
             next(iterator)
@@ -502,7 +573,7 @@ def run_pipeline_worker() -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
     return dict(
         config="pipeline_only",
-        batch=config.train.train_batch_size,
+        batch=batch,
         images_per_s=round(2 * batch * len(times) / sum(times), 2),
         images_per_s_samples=[round(r, 2) for r in rates],
         first_batch_s=round(first_s, 1),
@@ -514,14 +585,19 @@ def run_pipeline_worker() -> dict:
     )
 
 
+# The flags a parent passes to each worker: the settings and the preset.
+PRESET_FLAGS = ("mixed_precision", "jit_compile", "input_pipeline", "fused_bn")
+
+
+def _settings() -> Settings:
+    return Settings(
+        **{f.name: FLAGS[f.name].value for f in dataclasses.fields(Settings)}
+    )
+
+
 def _preset(name: str) -> tuple[str, bool, str, str]:
     if name == "custom":
-        return (
-            FLAGS.mixed_precision,
-            FLAGS.jit_compile,
-            FLAGS.input_pipeline,
-            FLAGS.fused_bn,
-        )
+        return tuple(FLAGS[flag].value for flag in PRESET_FLAGS)
     if name not in PRESETS:
         raise app.UsageError(
             f"Received: --configs={name}. Use one of "
@@ -531,29 +607,8 @@ def _preset(name: str) -> tuple[str, bool, str, str]:
 
 
 def _run_child(name: str) -> dict:
-    passed = [
-        f"--{flag}={getattr(flags.FLAGS, flag)}"
-        for flag in (
-            "batch_size",
-            "depth",
-            "width_multiplier",
-            "image_size",
-            "replicas",
-            "jit_compile",
-            "mixed_precision",
-            "input_pipeline",
-            "fused_bn",
-            "steps",
-            "warmup_steps",
-            "steps_per_loop",
-            "num_images",
-            "profile_steps",
-            "matmul_seconds",
-            "matmul_n",
-            "conv_backward",
-            "recompute_bn_relu",
-        )
-    ]
+    names = [f.name for f in dataclasses.fields(Settings)] + list(PRESET_FLAGS)
+    passed = [f"--{flag}={FLAGS[flag].value}" for flag in names]
     args = [sys.executable, os.path.abspath(__file__), f"--worker={name}"]
     args.append(f"--launch_time={time.time()!r}")
     env = dict(
@@ -605,9 +660,12 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if FLAGS.worker is not None:
         if FLAGS.worker == "pipeline_only":
-            result = run_pipeline_worker()
+            result = run_pipeline_worker(_settings())
         else:
-            result = run_worker(FLAGS.worker, _preset(FLAGS.worker))
+            preset = _preset(FLAGS.worker)
+            result = run_worker(
+                FLAGS.worker, preset, _settings(), FLAGS.launch_time
+            )
         print(json.dumps(result), flush=True)
         return
     presets = {

@@ -2,16 +2,15 @@
 
 Usage:
   python scripts/export_saved_model.py --model_dir=/tmp/simclr \
-      [--export_dir=/tmp/simclr_export] [--checkpoint=/tmp/simclr/ckpt-500] \
-      [--num_classes=10]
+      [--export_dir=/tmp/simclr_export] [--checkpoint=/tmp/simclr/ckpt-500]
 
-Rebuilds the model from `<model_dir>/config.json` (written by run.py),
-restores the latest checkpoint of `model_dir` (or `--checkpoint`) and writes
-the export of `simclr_tf.export` to `--export_dir` (default
+Rebuilds the model from `<model_dir>/config.json` and `run_info.json`
+(written by run.py: the architecture, and the dataset's classes), restores
+the latest checkpoint of `model_dir` (or `--checkpoint`) and writes the
+export of `simclr_tf.export` to `--export_dir` (default
 `<model_dir>/saved_model/<step>`, where run.py also exports at the end of
-training). The number of classes comes from the checkpoint's supervised
-head unless `--num_classes` is given. See README.md, "Serving and TF Hub",
-for how to load and serve the export.
+training). See README.md, "Serving and TF Hub", for how to load and serve
+the export.
 """
 
 import os
@@ -32,11 +31,6 @@ _EXPORT_DIR = flags.DEFINE_string(
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Checkpoint prefix; default the latest in model_dir."
 )
-_NUM_CLASSES = flags.DEFINE_integer(
-    "num_classes",
-    None,
-    "Classes of the supervised head; default read from the checkpoint.",
-)
 flags.mark_flag_as_required("model_dir")
 
 
@@ -51,7 +45,6 @@ def main(argv: list[str]) -> None:
             _MODEL_DIR.value,
             export_dir=_EXPORT_DIR.value,
             checkpoint=_CHECKPOINT.value,
-            num_classes=_NUM_CLASSES.value,
         )
     except export.ExportError as e:
         sys.stderr.write(f"export_saved_model.py: error: {e}\n")

@@ -8,12 +8,13 @@ Usage:
 For each chunk size (0 = the plain step) a fresh Python process builds the
 SimCLR model (`simclr_tf.models.factory.build_model`, CIFAR stem for
 image_size <= 32, 3-layer head, linear head for 10 classes), a LARS
-optimizer, random two-view images (batch, H, W, 6), and runs one training
-step as a `tf.function` on the CPU: NT-Xent (tau 0.5) + supervised CE +
-weight decay, gradients (plain tape, or
-`simclr_tf.training.grad_cache.grad_cache_gradients` with chunks of that
-many images), LARS update, in float32 or under the `--mixed_precision`
-compute policy (as `run.py --mixed_precision`). The process reports its
+optimizer, the pretraining objective (`factory.build_objective`: NT-Xent
+with tau 0.5 + supervised CE + weight decay), random two-view images
+(batch, H, W, 6), and runs one training step of the library
+(`simclr_tf.training.step.make_replica_step`, with gradient caching in
+chunks of that many images unless 0) as a `tf.function` on the CPU, in
+float32 or under the `--mixed_precision` compute policy (as `run.py
+--mixed_precision`). The process reports its
 peak resident set size (`ru_maxrss`, which includes the TensorFlow runtime,
 the model, the optimizer slots and the step's tracing) and the RSS before
 the step; the parent prints a table. A process whose RSS passes
@@ -66,9 +67,9 @@ def _measure(chunk_size: int) -> dict:
     import tensorflow as tf
 
     from simclr_tf import config as config_lib
-    from simclr_tf import losses, schedules
+    from simclr_tf import optim
     from simclr_tf.models import factory
-    from simclr_tf.training import grad_cache
+    from simclr_tf.training import step as step_lib
 
     batch, size = _BATCH.value, _IMAGE.value
     config = config_lib.from_flat(
@@ -76,46 +77,33 @@ def _measure(chunk_size: int) -> dict:
             resnet_depth=_DEPTH.value,
             image_size=size,
             train_batch_size=batch,
+            temperature=0.5,
             weight_decay=1e-4,
         )
     )
-    keras.mixed_precision.set_global_policy(
-        "mixed_bfloat16" if _PRECISION.value == "bfloat16" else "float32"
-    )
+    policy = "mixed_bfloat16" if _PRECISION.value == "bfloat16" else "float32"
     keras.utils.set_random_seed(0)
-    model = factory.build_model(config, num_classes=10)
-    optimizer = schedules.build_optimizer(config.optim, 0.1, model)
-    variables = model.trainable_variables
-    optimizer.build(variables)
+    model = factory.build_model(config, num_classes=10, dtype_policy=policy)
+    optimizer = optim.build_optimizer(
+        "lars",
+        0.1,
+        momentum=config.optim.momentum,
+        weight_decay=config.optim.weight_decay,
+        lars_exclusions=model.weight_groups.lars_exclusions,
+    )
+    optimizer.build(model.trainable_variables)
+    replica_step = step_lib.make_replica_step(
+        model,
+        optimizer,
+        factory.build_objective(config, model),
+        grad_cache_chunk_size=chunk_size,
+    )
     images = tf.random.uniform((batch, size, size, 6))
     labels = tf.one_hot(tf.random.uniform((batch,), 0, 10, tf.int32), 10)
 
-    def loss_fn(outputs):
-        con, _, _ = losses.nt_xent_loss(
-            outputs["proj_head_output"], temperature=0.5
-        )
-        sup = losses.supervised_loss(
-            tf.concat([labels, labels], 0), outputs["logits_sup"]
-        )
-        return con + sup + schedules.weight_decay_loss(model, config.optim)
-
     @tf.function
     def step(images):
-        if chunk_size:
-            loss, grads = grad_cache.grad_cache_gradients(
-                model,
-                images,
-                loss_fn,
-                chunk_size=chunk_size,
-                variables=variables,
-                output_keys=("proj_head_output", "logits_sup"),
-            )
-        else:
-            with tf.GradientTape() as tape:
-                loss = loss_fn(model(images, training=True))
-            grads = tape.gradient(loss, variables)
-        optimizer.apply(grads, variables)
-        return loss
+        return replica_step(images, labels)["total_loss"]
 
     before = _rss_gib()
     start = time.perf_counter()

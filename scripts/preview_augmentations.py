@@ -2,19 +2,24 @@
 
 Usage:
   python scripts/preview_augmentations.py --dataset=folder:/data/images \
-      --output=/tmp/views.png [--split=train] [--image_size=224] \
-      [--num_images=8] [--num_views=4] [--color_jitter_strength=1.0] \
-      [--color_jitter_impl=v2] [--use_blur] [--min_crop_area=0.08] \
-      [--use_flip] [--seed=0] [--data_dir=...]
+      --output=/tmp/views.png [--split=train] [--num_images=8] \
+      [--num_views=4] [run.py's flags: --image_size=224, \
+      --color_jitter_strength=1.0, --color_jitter_impl=v2, --use_blur, \
+      --min_crop_area=0.08, --use_flip, --holdout_fraction, --seed, \
+      --data_dir, ... or --flagfile=flags/<recipe>.cfg]
 
-Each row shows one image of the split (padded to a square, not cropped),
-then `--num_views` independent pretraining views made exactly as training
-makes them (`simclr_tf.data.input_pipeline.preview_grid`). `--dataset` takes
-the same values as run.py: a TFDS name (prepared in `--data_dir`) or
-`folder:/path`. Training logs the same kind of grid to TensorBoard
-(`train/augmented_views`) when it starts.
+Each row shows one image of the split (the column labelled "original",
+padded to a square, not cropped), then `--num_views` independent
+pretraining views ("view 1", ...) made exactly as training makes them
+(`simclr_tf.data.input_pipeline.preview_images`), at 1.25 inches per
+tile; the title names the augmentations. The data and augmentation flags
+are run.py's own (`simclr_tf/cli.py`), so a recipe previews with
+`--flagfile`; `--dataset` takes the same values: a TFDS name (prepared in
+`--data_dir`) or `folder:/path`. Training logs the same kind of grid to
+TensorBoard (`train/augmented_views`) when it starts.
 """
 
+import dataclasses
 import os
 import sys
 
@@ -22,75 +27,59 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-_DATASET = flags.DEFINE_string(
-    "dataset", None, "A TFDS name, or folder:/path for an image folder."
+from simclr_tf import cli  # noqa: E402
+from simclr_tf.config import ConfigError  # noqa: E402
+
+_SPLIT = flags.DEFINE_string(
+    "split",
+    "train",
+    "Split to take images from: --train_split, or any other split of the "
+    "dataset (image folders: a subfolder, or the part --holdout_fraction "
+    "holds out).",
 )
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory.")
-_SPLIT = flags.DEFINE_string("split", "train", "Split to take images from.")
 _OUTPUT = flags.DEFINE_string("output", None, "Path of the PNG to write.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Side of each view.")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 8, "Rows: images shown.")
 _NUM_VIEWS = flags.DEFINE_integer("num_views", 4, "Augmented views per image.")
-_STRENGTH = flags.DEFINE_float(
-    "color_jitter_strength", 1.0, "Colour jitter strength (0 = off)."
-)
-_IMPL = flags.DEFINE_enum(
-    "color_jitter_impl", "v2", ["v1", "v2"], "Brightness form (SPEC.md §2)."
-)
-_USE_BLUR = flags.DEFINE_bool("use_blur", True, "Random Gaussian blur.")
-_MIN_CROP_AREA = flags.DEFINE_float(
-    "min_crop_area", 0.08, "Lower end of the random crop's area fraction."
-)
-_USE_FLIP = flags.DEFINE_bool("use_flip", True, "Random horizontal flip.")
-_HOLDOUT = flags.DEFINE_float(
-    "holdout_fraction", 0.0, "Image folders: fraction held out as eval."
-)
-_SEED = flags.DEFINE_integer(
-    "seed", None, "Seed of the views; unset gives new views every run."
-)
-flags.mark_flags_as_required(["dataset", "output"])
+flags.mark_flag_as_required("output")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not cli.FLAGS["dataset"].present:
+        raise app.UsageError("Give --dataset (a TFDS name or folder:/path).")
     # Imported here so that flag errors and --help need no TensorFlow.
-    import tensorflow as tf
+    from simclr_tf import devices
 
-    from simclr_tf import config
-    from simclr_tf.data import input_pipeline
+    devices.initialize_devices()
+    import plot_run
 
-    data = config.DataConfig(
-        dataset=_DATASET.value,
-        data_dir=_DATA_DIR.value,
-        # Folders: `train` finds split subfolders; any other --split is a
-        # subfolder, or the held-out part (--holdout_fraction).
-        eval_split=_SPLIT.value,
-        image_size=_IMAGE_SIZE.value,
-        color_jitter_strength=_STRENGTH.value,
-        color_jitter_impl=_IMPL.value,
-        use_blur=_USE_BLUR.value,
-        min_crop_area=_MIN_CROP_AREA.value,
-        use_flip=_USE_FLIP.value,
-        holdout_fraction=_HOLDOUT.value,
-        seed=_SEED.value,
-    )
+    from simclr_tf.data import input_pipeline, sources
+
     try:
-        config.validate(config.Config(data=data))
-        grid = input_pipeline.preview_grid(
+        data = cli.config_from_flags().data
+        if _SPLIT.value != data.train_split:
+            # A folder holds out --holdout_fraction as the eval split.
+            data = dataclasses.replace(data, eval_split=_SPLIT.value)
+        originals, views = input_pipeline.preview_images(
+            sources.open_source(data),
             data,
             split=_SPLIT.value,
             num_images=_NUM_IMAGES.value,
             num_views=_NUM_VIEWS.value,
         )
-    except config.ConfigError as e:
+    except ConfigError as e:
         sys.stderr.write(f"preview_augmentations.py: error: {e}\n")
         sys.exit(2)
-    pixels = tf.image.convert_image_dtype(grid[0], tf.uint8, saturate=True)
-    tf.io.write_file(_OUTPUT.value, tf.io.encode_png(pixels))
+    plot_run.plot_augmentations(
+        originals.numpy(),
+        views.numpy(),
+        _OUTPUT.value,
+        plot_run.augmentation_title(data),
+    )
     print(
-        f"Wrote {_OUTPUT.value}: {grid.shape[1]}x{grid.shape[2]} px, "
-        f"{_NUM_IMAGES.value} images x (original + {_NUM_VIEWS.value} views)."
+        f"Wrote {_OUTPUT.value}: {len(originals)} images x (original + "
+        f"{_NUM_VIEWS.value} views), labelled."
     )
 
 

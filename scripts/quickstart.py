@@ -24,12 +24,16 @@ Steps, all through the code path a user's image folder takes
    baseline.
 5. Prints the report (accuracies side by side, runtime, where the
    checkpoint, TensorBoard logs and SavedModel are) and writes PNG plots
-   with `scripts/plot_run.py` into `<workdir>/plots/`.
+   with `scripts/plot_run.py` into `<workdir>/plots/`: curves.png,
+   augmentations.png and embedding.png (t-SNE maps of the test images'
+   features under the SimCLR and the random encoder).
 
 Flags given on the command line apply to every stage; the linear-eval
-stages then override the flags in `LINEAR_EVAL` (see flags/quickstart.cfg
-for the equivalent run.py commands). An existing `<workdir>` is reused:
-finished stages are not rerun (delete it for a fresh run).
+stages then override the fields in `LINEAR_EVAL` (see flags/quickstart.cfg
+for the equivalent run.py commands). Each stage's config is the parsed
+flags' config with its overrides (`simclr_tf.config.replace`), and its
+`flags.cfg` is written from that config. An existing `<workdir>` is
+reused: finished stages are not rerun (delete it for a fresh run).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ sys.path.insert(0, os.path.join(REPO, "scripts"))
 from absl import app, flags, logging  # noqa: E402
 
 from simclr_tf import cli  # noqa: E402
-from simclr_tf.config import ConfigError  # noqa: E402
+from simclr_tf import config as config_lib  # noqa: E402
 
 DEFAULT_RECIPE = os.path.join(REPO, "flags", "quickstart.cfg")
 DEFAULT_WORKDIR = "/tmp/simclr_quickstart"
@@ -134,43 +138,86 @@ def prepare_digits(root: str) -> dict[str, int]:
 
 
 def _read_result(model_dir: str) -> dict | None:
+    """result.json's metrics, with flags.json's flags under "flags"."""
     path = os.path.join(model_dir, "result.json")
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        return json.load(f)
+        result = json.load(f)
+    flags_path = os.path.join(model_dir, "flags.json")
+    if not os.path.exists(flags_path):  # Older runs kept them in result.
+        return result
+    with open(flags_path) as f:
+        return dict(result, flags=json.load(f))
 
 
-def run_stage(name: str, model_dir: str, overrides: dict) -> dict:
-    """Runs run.py's job in-process with the parsed flags plus `overrides`.
+def stage_configs(
+    base: config_lib.Config, workdir: str
+) -> dict[str, config_lib.Config]:
+    """The configs of the three runs, from the parsed flags' config.
 
-    The flag values are set, the config read and validated exactly as
-    run.py does it, `flags.cfg` written to `model_dir`, and the flags
-    restored afterwards. A stage whose `result.json` exists is skipped.
+    Args:
+      base: the config of the command line (recipe and user flags).
+      workdir: the quickstart's folder (digits in `<workdir>/digits`).
 
     Returns:
-      The stage's result.json contents plus "seconds".
+      {"pretrain", "linear_eval", "random_linear_eval"} -> config, each
+      with `model_dir=<workdir>/<name>`.
+
+    Raises:
+      ConfigError: an override the command-line flags make invalid.
+    """
+    base = config_lib.replace(
+        base, dataset=f"folder:{os.path.join(workdir, 'digits')}"
+    )
+    pre_dir = os.path.join(workdir, "pretrain")
+    overrides = {
+        "pretrain": {},
+        "linear_eval": dict(LINEAR_EVAL, checkpoint=pre_dir),
+        "random_linear_eval": dict(
+            LINEAR_EVAL,
+            checkpoint=None,
+            # The strong random baseline: every BN gamma starts at 1. With
+            # the reference's gamma = 0 on the residual branches a random
+            # ResNet is a chain of strided 1x1 shortcut convs.
+            zero_init_residual_bn=False,
+            keep_hub_module_max=-1,
+        ),
+    }
+    return {
+        name: config_lib.replace(
+            base, model_dir=os.path.join(workdir, name), **values
+        )
+        for name, values in overrides.items()
+    }
+
+
+def run_stage(name: str, config: config_lib.Config) -> dict:
+    """Runs run.py's job in-process on `config`.
+
+    Prepares the run (`experiment.prepare`: the checks that can refuse
+    it), writes `flags.cfg` (replayable with run.py's `--flagfile`) to the
+    config's model_dir, then runs the experiment. A stage whose
+    `result.json` exists is skipped.
+
+    Returns:
+      The stage's result.json contents plus "flags" (flags.json) and
+      "seconds".
     """
     from simclr_tf import experiment
 
+    model_dir = config.train.model_dir
     done = _read_result(model_dir)
     if done is not None:
         logging.info("%s: already done in %s, reusing it.", name, model_dir)
         return dict(done, seconds=float("nan"))
-    overrides = dict(overrides, model_dir=model_dir)
-    saved = {k: getattr(cli.FLAGS, k) for k in overrides}
-    try:
-        for key, value in overrides.items():
-            setattr(cli.FLAGS, key, value)
-        config = cli.config_from_flags()
-        cli.write_flags_file(model_dir)
-        print(f"== {name}: {model_dir}", flush=True)
-        start = time.perf_counter()
-        experiment.run(config)
-        seconds = time.perf_counter() - start
-    finally:
-        for key, value in saved.items():
-            setattr(cli.FLAGS, key, value)
+    print(f"== {name}: {model_dir}", flush=True)
+    start = time.perf_counter()
+    # As run.py: every check that can refuse the stage before any write.
+    setup = experiment.prepare(config)
+    cli.write_flags_file(model_dir, config)
+    experiment.run(config, setup)
+    seconds = time.perf_counter() - start
     return dict(_read_result(model_dir), seconds=seconds)
 
 
@@ -235,6 +282,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     import plot_run
 
+    from simclr_tf import devices
+
+    devices.initialize_devices()  # Before TensorFlow prints anything.
     start = time.perf_counter()
     workdir = os.path.abspath(_WORKDIR.value)
     digits = os.path.join(workdir, "digits")
@@ -244,40 +294,38 @@ def main(argv: list[str]) -> None:
         f"in {digits}",
         flush=True,
     )
-    dataset = {"dataset": f"folder:{digits}"}
-    pre_dir = os.path.join(workdir, "pretrain")
     try:
-        pretrain = run_stage("SimCLR pretraining", pre_dir, dataset)
+        configs = stage_configs(cli.config_from_flags(), workdir)
+        pretrain = run_stage("SimCLR pretraining", configs["pretrain"])
         simclr = run_stage(
-            "linear eval of the SimCLR encoder",
-            os.path.join(workdir, "linear_eval"),
-            {**dataset, **LINEAR_EVAL, "checkpoint": pre_dir},
+            "linear eval of the SimCLR encoder", configs["linear_eval"]
         )
         random = run_stage(
-            "linear eval of a random encoder",
-            os.path.join(workdir, "random_linear_eval"),
-            {
-                **dataset,
-                **LINEAR_EVAL,
-                "checkpoint": None,
-                # The strong random baseline: every BN gamma starts at 1.
-                # With the reference's gamma = 0 on the residual branches a
-                # random ResNet is a chain of strided 1x1 shortcut convs.
-                "zero_init_residual_bn": False,
-                "keep_hub_module_max": 0,
-            },
+            "linear eval of a random encoder", configs["random_linear_eval"]
         )
-    except ConfigError as e:
+    except config_lib.ConfigError as e:
         sys.stderr.write(f"quickstart.py: error: {e}\n")
         sys.exit(2)
+    pre_dir = configs["pretrain"].train.model_dir
+    random_dir = configs["random_linear_eval"].train.model_dir
     plots = plot_run.plot_runs(
         {
             "pretrain": pre_dir,
             "linear_eval": os.path.join(workdir, "linear_eval"),
-            "random_linear_eval": os.path.join(workdir, "random_linear_eval"),
+            "random_linear_eval": random_dir,
         },
         os.path.join(workdir, "plots"),
         preview_model_dir=pre_dir,
+    )
+    # The encoders of the report's two rows, side by side (their exports).
+    plots.append(
+        plot_run.write_embedding(
+            {
+                "SimCLR encoder (pretrain)": pre_dir,
+                "random encoder (random_linear_eval)": random_dir,
+            },
+            os.path.join(workdir, "plots", "embedding.png"),
+        )
     )
     seconds = time.perf_counter() - start
     print(format_report(workdir, pretrain, simclr, random, seconds))

@@ -15,6 +15,7 @@ import os
 import tensorflow as tf
 from absl import logging
 
+from simclr_tf import devices
 from simclr_tf.config import ConfigError, RuntimeConfig
 
 
@@ -63,6 +64,7 @@ def build_strategy(runtime: RuntimeConfig) -> tf.distribute.Strategy:
     Raises:
       ConfigError: unusable TF_CONFIG or cpu_replicas.
     """
+    devices.initialize_devices()  # Without the CPU-only cuInit error.
     if runtime.use_tpu:
         strategy = _tpu_strategy(runtime)
     elif num_workers_in_tf_config() > 1:

@@ -31,16 +31,18 @@ import json
 import os
 import re
 import tempfile
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import keras
 import tensorflow as tf
 from absl import logging
-from tensorflow.core.protobuf import trackable_object_graph_pb2
+from tensorflow.python.saved_model import save_context
 
 import simclr_tf
 from simclr_tf import config as config_lib
+from simclr_tf import run_info as run_info_lib
 from simclr_tf.data import augment
 from simclr_tf.models import factory, resnet
 
@@ -203,8 +205,16 @@ def _preprocess_float_images(images: tf.Tensor, image_size: int):
     )
 
 
-def _hub_call(model: keras.Model) -> tf.types.experimental.GenericFunction:
-    """`obj(images, training=False)` of the Reusable SavedModel API."""
+def _hub_call(
+    model: keras.Model, options: tf.saved_model.SaveOptions
+) -> tf.types.experimental.GenericFunction:
+    """`obj(images, training=False)` of the Reusable SavedModel API.
+
+    Its four variants are traced in the context `tf.saved_model.save`
+    creates with `options`: `save` retraces a function that captures
+    variables when its traces come from outside that context, which made
+    every export trace the whole model four extra times.
+    """
 
     @tf.function
     def call(images, training=False, trainable=None):
@@ -213,13 +223,14 @@ def _hub_call(model: keras.Model) -> tf.types.experimental.GenericFunction:
         return _float32_endpoints(model(images, training=mode))
 
     spec = tf.TensorSpec((None, None, None, 3), tf.float32, name=IMAGES_INPUT)
-    for kwargs in (
-        {"training": False},
-        {"training": True},
-        {"trainable": False},
-        {"trainable": True},
-    ):
-        call.get_concrete_function(spec, **kwargs)
+    with save_context.save_context(options):
+        for kwargs in (
+            {"training": False},
+            {"training": True},
+            {"trainable": False},
+            {"trainable": True},
+        ):
+            call.get_concrete_function(spec, **kwargs)
     return call
 
 
@@ -320,14 +331,21 @@ def export_saved_model(
             f"Received: export_dir={export_dir!r}, which already exists. "
             "Remove it or choose a new directory."
         )
+    start = time.perf_counter()
     shapes = _check_model(model, image_size)
     num_classes = shapes["logits_sup"][-1] if "logits_sup" in shapes else None
+    options = tf.saved_model.SaveOptions()
     root = tf.__internal__.tracking.AutoTrackable()
-    root.__call__ = _hub_call(model)
+    root.__call__ = _hub_call(model, options)
     root.variables, root.trainable_variables = _tf_variables(model)
     # Weight decay is part of the training loss, not of the model.
     root.regularization_losses = []
     signatures = _signatures(model, image_size)
+    logging.info(
+        "Export: traced the hub callable and %d signatures in %.1f s.",
+        len(signatures),
+        time.perf_counter() - start,
+    )
     info = dict(metadata)
     info.update(
         image_size=image_size,
@@ -350,7 +368,13 @@ def export_saved_model(
             json.dump(info, f, indent=2, sort_keys=True)
             f.write("\n")
         root.metadata_file = tf.saved_model.Asset(path)
-        tf.saved_model.save(root, export_dir, signatures=signatures)
+        start = time.perf_counter()
+        tf.saved_model.save(
+            root, export_dir, signatures=signatures, options=options
+        )
+    logging.info(
+        "Export: wrote %s in %.1f s.", export_dir, time.perf_counter() - start
+    )
     return export_dir
 
 
@@ -367,21 +391,14 @@ def run_metadata(
     class_names: list[str] | None = None,
 ) -> dict:
     """The metadata of an export from a training run's config."""
-    m = config.model
+    flat = config_lib.to_flat(config)
     return {
         "simclr_tf_version": simclr_tf.__version__,
         "global_step": int(step),
         "train_mode": config.train.train_mode,
         "dataset": config.data.dataset,
-        "resnet_depth": m.resnet_depth,
-        "width_multiplier": m.width_multiplier,
-        "resnet_base_width": m.resnet_base_width,
-        "sk_ratio": m.sk_ratio,
-        "se_ratio": m.se_ratio,
-        "proj_head_mode": m.proj_head_mode,
-        "proj_out_dim": m.proj_out_dim,
-        "num_proj_layers": m.num_proj_layers,
-        "ft_proj_selector": m.ft_proj_selector,
+        **{name: flat[name] for name in factory.ARCHITECTURE_FIELDS},
+        "ft_proj_selector": config.model.ft_proj_selector,
         "class_names": list(class_names) if class_names else None,
         "input": "RGB float32 in [0, 1]; serving signatures take any size",
     }
@@ -406,18 +423,13 @@ def float32_copy(
     A run trained under a mixed-precision policy has layers that compute in
     bfloat16 or float16; an export traced from them would compute so too,
     on serving hardware that may lack those types. The copy is built by
-    `factory.build_model(config, num_classes)` under the float32 policy
-    (the arguments the run built `model` with) and takes every weight of
-    `model` (the variables are float32 either way).
+    `factory.build_model(config, num_classes, "float32")` (the arguments
+    the run built `model` with) and takes every weight of `model` (the
+    variables are float32 either way).
     """
     if model.compute_dtype == "float32":
         return model
-    policy = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("float32")
-    try:
-        copy = factory.build_model(config, num_classes)
-    finally:
-        keras.mixed_precision.set_global_policy(policy)
+    copy = factory.build_model(config, num_classes, "float32")
     for target, source in zip(copy.weights, model.weights, strict=True):
         target.assign(source)
     return copy
@@ -447,14 +459,27 @@ def export_run(
     if tf.io.gfile.exists(export_dir):
         tf.io.gfile.rmtree(export_dir)
     metadata = run_metadata(config, step, getattr(info, "class_names", None))
+    logging.info("Exporting step %d as a SavedModel.", step)
+    start = time.perf_counter()
+    copy = float32_copy(config, model, info.num_classes)
+    if copy is not model:
+        logging.info(
+            "Export: float32 copy of the %s model in %.1f s.",
+            model.compute_dtype,
+            time.perf_counter() - start,
+        )
     export_saved_model(
-        float32_copy(config, model, info.num_classes),
+        copy,
         export_dir,
         image_size=config.data.image_size,
         metadata=metadata,
     )
     _prune_exports(base_dir, config.train.keep_hub_module_max)
-    logging.info("Exported SavedModel to %s.", export_dir)
+    logging.info(
+        "Exported SavedModel to %s in %.1f s.",
+        export_dir,
+        time.perf_counter() - start,
+    )
     return export_dir
 
 
@@ -462,51 +487,10 @@ def export_run(
 # Exporting a checkpoint of a model_dir (scripts/export_saved_model.py).
 
 
-def num_classes_in_checkpoint(path: str) -> int | None:
-    """Output size of the supervised head saved in a training checkpoint.
-
-    Reads the checkpoint's object graph (`model` -> `supervised_head`) and
-    returns the last dimension of the head's 2-D kernel, or None when the
-    checkpoint has no supervised head.
-    """
-    reader = tf.train.load_checkpoint(path)
-    graph = trackable_object_graph_pb2.TrackableObjectGraph.FromString(
-        reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH")
-    )
-
-    def child(node_id: int, name: str) -> int | None:
-        for ref in graph.nodes[node_id].children:
-            if ref.local_name == name:
-                return ref.node_id
-        return None
-
-    model_id = child(0, "model")
-    head_id = None if model_id is None else child(model_id, "supervised_head")
-    if head_id is None:
-        return None
-    shapes = reader.get_variable_to_shape_map()
-    stack, seen, dims = [head_id], set(), set()
-    while stack:
-        node_id = stack.pop()
-        if node_id in seen:
-            continue
-        seen.add(node_id)
-        node = graph.nodes[node_id]
-        for attribute in node.attributes:
-            shape = shapes.get(attribute.checkpoint_key, [])
-            if len(shape) == 2:
-                dims.add(shape[-1])
-        stack.extend(ref.node_id for ref in node.children)
-    if len(dims) != 1:
-        return None
-    return dims.pop()
-
-
 def export_checkpoint(
     model_dir: str,
     export_dir: str | None = None,
     checkpoint: str | None = None,
-    num_classes: int | None = None,
 ) -> str:
     """Exports a checkpoint of a training run (see `export_saved_model`).
 
@@ -514,15 +498,13 @@ def export_checkpoint(
       model_dir: the run's directory, holding `config.json` and checkpoints.
       export_dir: where to write; default `<model_dir>/saved_model/<step>`.
       checkpoint: a checkpoint prefix; default the latest in `model_dir`.
-      num_classes: classes of the supervised head; default read from the
-        checkpoint.
 
     Returns:
       The export directory.
 
     Raises:
-      ExportError: no config or checkpoint, or a checkpoint that does not
-        fit the model of the config.
+      ExportError: no config, run_info.json or checkpoint, or a checkpoint
+        that does not fit the model of the config.
     """
     config_path = os.path.join(model_dir, "config.json")
     if not tf.io.gfile.exists(config_path):
@@ -538,14 +520,12 @@ def export_checkpoint(
             f"Received: model_dir={model_dir!r}, which has no checkpoint. "
             "Train first, or pass --checkpoint=<prefix>."
         )
-    if num_classes is None:
-        num_classes = num_classes_in_checkpoint(path)
-    if num_classes is None and config.train.train_mode == "finetune":
-        raise ExportError(
-            f"Found no supervised head in checkpoint {path!r} of a "
-            "fine-tuning run. Pass --num_classes=<classes of its dataset>."
-        )
-    model = factory.build_model(config, num_classes)  # Built.
+    try:
+        info = run_info_lib.read(model_dir)
+    except run_info_lib.RunInfoError as e:
+        raise ExportError(str(e)) from e
+    num_classes = info.num_classes
+    model = factory.build_model(config, num_classes, "float32")  # Built.
     size = config.data.image_size
     status = tf.train.Checkpoint(model=model).restore(path)
     try:
@@ -564,5 +544,5 @@ def export_checkpoint(
         model,
         export_dir,
         image_size=size,
-        metadata=run_metadata(config, step),
+        metadata=run_metadata(config, step, info.class_names),
     )

@@ -1,4 +1,4 @@
-"""LARS (You et al., 2017) as a Keras 3 optimizer, and its exclusion set.
+"""LARS (You et al., 2017) as a Keras 3 optimizer (optimizer maths only).
 
 Port of the reference `tf2/lars_optimizer.py` (SPEC.md §6). Per variable w
 with gradient g, learning rate lr, momentum m and trust coefficient eeta:
@@ -13,7 +13,7 @@ The weight decay is coupled (added to the gradient before the trust
 ratio), so the base class's decoupled decay is switched off. Exclusions are
 given as variable objects, never as name patterns: in SimCLR they are the
 batch-norm parameters, all biases and the supervised head
-(`lars_exclusions`).
+(`SimCLRModel.weight_groups.lars_exclusions`).
 """
 
 from __future__ import annotations
@@ -22,17 +22,6 @@ from collections.abc import Iterable, Sequence
 
 import keras
 import tensorflow as tf
-
-_BIAS_LAYERS = (
-    keras.layers.Dense,
-    keras.layers.EinsumDense,
-    keras.layers.Conv1D,
-    keras.layers.Conv2D,
-    keras.layers.Conv3D,
-    keras.layers.DepthwiseConv2D,
-    keras.layers.SeparableConv2D,
-    keras.layers.Conv2DTranspose,
-)
 
 
 @keras.saving.register_keras_serializable(package="simclr_tf")
@@ -169,70 +158,3 @@ class LARS(keras.optimizers.Optimizer):
             }
         )
         return config
-
-
-# --------------------------------------------------------------------------
-# Variable selection by object.
-
-
-def _unique(variables: Iterable) -> list:
-    seen, out = set(), []
-    for v in variables:
-        if id(v) not in seen:
-            seen.add(id(v))
-            out.append(v)
-    return out
-
-
-def _all_layers(model: keras.layers.Layer) -> list[keras.layers.Layer]:
-    # Keras 3 has no public recursive layer walk; `_flatten_layers` is what
-    # Keras itself uses to collect weights.
-    return model._flatten_layers(include_self=True, recursive=True)
-
-
-def batch_norm_variables(model: keras.layers.Layer) -> list:
-    """Gamma and beta of every `BatchNormalization` layer in `model`."""
-    return _unique(
-        w
-        for layer in _all_layers(model)
-        if isinstance(layer, keras.layers.BatchNormalization)
-        for w in (layer.gamma, layer.beta)
-        if w is not None
-    )
-
-
-def bias_variables(model: keras.layers.Layer) -> list:
-    """The `bias` variable of every Dense and convolution layer."""
-    return _unique(
-        layer.bias
-        for layer in _all_layers(model)
-        if isinstance(layer, _BIAS_LAYERS)
-        and getattr(layer, "bias", None) is not None
-    )
-
-
-def supervised_head_variables(model: keras.layers.Layer) -> list:
-    """Every variable of `model.supervised_head` ([] when it has none)."""
-    head = getattr(model, "supervised_head", None)
-    return [] if head is None else _unique(head.weights)
-
-
-def lars_exclusions(model: keras.layers.Layer) -> list:
-    """Variables LARS leaves without weight decay and trust ratio.
-
-    The reference excludes, by name, 'batch_normalization', 'bias' and
-    'head_supervised'; here the same variables are taken by object.
-
-    Args:
-      model: a built model; its `supervised_head` attribute (may be None or
-        absent) is the linear classifier.
-
-    Returns:
-      The BN gammas and betas, every Dense/conv bias and all variables of
-      the supervised head, each once.
-    """
-    return _unique(
-        batch_norm_variables(model)
-        + bias_variables(model)
-        + supervised_head_variables(model)
-    )

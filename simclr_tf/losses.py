@@ -1,4 +1,5 @@
-"""NT-Xent contrastive loss with cross-replica negatives, supervised loss.
+"""NT-Xent contrastive loss with cross-replica negatives; supervised and
+distillation losses.
 
 The contrastive loss follows SPEC.md §5 and `add_contrastive_loss` of the
 reference (`tf2/objective.py`): every replica contrasts its own rows against
@@ -194,3 +195,33 @@ def supervised_loss(labels_one_hot: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
     return tf.reduce_mean(
         tf.nn.softmax_cross_entropy_with_logits(labels, logits)
     )
+
+
+def distillation_loss(
+    teacher_logits: tf.Tensor,
+    student_logits: tf.Tensor,
+    temperature: float = 1.0,
+) -> tf.Tensor:
+    """SimCLRv2's distillation loss (arXiv:2006.10029, eq. 3), batch mean.
+
+    `T^2 * CE(softmax(teacher / T), student / T)`: the cross-entropy of the
+    student's temperature-scaled softmax against the teacher's soft labels.
+    The T^2 factor (Hinton et al., 2015) keeps the gradient scale of the
+    soft targets independent of T. The teacher receives no gradient.
+
+    Args:
+      teacher_logits: (b, classes) logits of the teacher.
+      student_logits: (b, classes) logits of the student; half precision is
+        cast to float32.
+      temperature: T > 0; 1.0 is the paper's.
+
+    Returns:
+      Scalar mean over the b rows, float32 (float64 for float64 logits).
+    """
+    student = _at_least_float32(student_logits)
+    teacher = tf.stop_gradient(tf.cast(teacher_logits, student.dtype))
+    targets = tf.nn.softmax(teacher / temperature)
+    per_row = tf.nn.softmax_cross_entropy_with_logits(
+        targets, student / temperature
+    )
+    return temperature**2 * tf.reduce_mean(per_row)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import keras
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -20,6 +21,7 @@ SCRIPT = os.path.join(ROOT, "scripts", "benchmark.py")
 def _load_script():
     spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # For its dataclasses.
     spec.loader.exec_module(module)
     return module
 
@@ -140,6 +142,42 @@ def test_top_ops_sums_executor_events_by_op_type(tmp_path):
     assert benchmark.top_ops(str(tmp_path), steps=2, k=1)[1] == dict(
         op="other", ms_per_step=10.0, share=0.2
     )
+
+
+def test_fixed_batch_mode_repeats_the_pipelines_first_batch():
+    # --input_pipeline=off feeds the real pipeline's first batch forever.
+    settings = benchmark.Settings(
+        batch_size=4,
+        depth=18,
+        width_multiplier=1,
+        image_size=16,
+        replicas=0,
+        steps=1,
+        warmup_steps=0,
+        steps_per_loop=1,
+        num_images=8,
+        profile_steps=0,
+        matmul_seconds=0.1,
+        matmul_n=256,
+    )
+    config = benchmark.benchmark_config(benchmark.PRESETS["float32"], settings)
+    assert config.data.image_size == 16 and config.train.train_batch_size == 4
+    source = benchmark.random_image_source(8, 16)
+    assert source.info.num_train_examples == 8 and source.info.num_classes == 10
+    strategy = tf.distribute.OneDeviceStrategy("/CPU:0")
+
+    def batches(pipeline, n):
+        ds = benchmark.training_dataset(config, strategy, source, 2, pipeline)
+        iterator = iter(ds)
+        return [next(iterator) for _ in range(n)]
+
+    streamed = batches(True, 2)
+    fixed = batches(False, 3)
+    assert streamed[0][0].shape == (4, 16, 16, 6)
+    assert not np.array_equal(streamed[0][0], streamed[1][0])
+    for images, labels in fixed:
+        np.testing.assert_array_equal(images, streamed[0][0])
+        np.testing.assert_array_equal(labels, streamed[0][1])
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Tests of the command line: flags, recipes, flags.cfg replay, layering."""
 
 import ast
+import dataclasses
 import json
 import pathlib
 import subprocess
@@ -81,12 +82,13 @@ EXPECTED = {
         dataset="imagenet2012",
         resnet_depth=50,
         image_size=224,
-        train_batch_size=4096,
-        learning_rate=0.3,
-        learning_rate_scaling="linear",
+        train_batch_size=4096,  # The reference README's command.
+        learning_rate=0.075,
+        learning_rate_scaling="sqrt",
         temperature=0.1,
-        weight_decay=1e-6,
+        weight_decay=1e-4,
         train_epochs=100,
+        eval_split="validation",
         use_blur=True,
     ),
     "imagenet_r50_lineareval.cfg": dict(
@@ -118,6 +120,51 @@ EXPECTED = {
         optimizer="lars",
         train_epochs=30,
     ),
+    # Your own images: pretraining only (no eval split or labels needed).
+    "own_images_small.cfg": dict(
+        mode="train",
+        train_mode="pretrain",
+        image_size=32,  # The CIFAR stem.
+        resnet_depth=18,
+        use_blur=False,
+        color_jitter_strength=0.5,
+        temperature=0.5,
+    ),
+    "own_images_imagenet.cfg": dict(
+        mode="train",
+        train_mode="pretrain",
+        image_size=224,
+        resnet_depth=50,
+        use_blur=True,
+        color_jitter_strength=1.0,
+        learning_rate_scaling="sqrt",
+        temperature=0.1,
+    ),
+    "imagenet_r50_distill_1pct.cfg": dict(
+        train_mode="distill",
+        dataset="imagenet2012",  # All training images, labels unused.
+        distill_temperature=1.0,
+        distill_alpha=1.0,
+        proj_head_mode="none",
+        resnet_depth=50,
+        optimizer="lars",
+        learning_rate=0.1,
+        learning_rate_scaling="sqrt",
+        weight_decay=1e-4,
+        train_batch_size=4096,
+        train_epochs=400,
+        warmup_epochs=20.0,  # 5% of the epochs, as pretraining.
+    ),
+    "imagenet_r50_distill_10pct.cfg": dict(
+        train_mode="distill",
+        dataset="imagenet2012",
+        distill_temperature=1.0,
+        distill_alpha=1.0,
+        proj_head_mode="none",
+        learning_rate=0.1,
+        learning_rate_scaling="sqrt",
+        train_epochs=400,
+    ),
     "smoke.cfg": dict(
         resnet_depth=18,
         image_size=32,
@@ -134,7 +181,9 @@ def test_every_recipe_is_checked():
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_recipe_parses_into_valid_config(recipe):
-    flat = config_lib.to_flat(_parse(f"--flagfile={recipe}"))
+    # A distillation recipe needs the user's teacher, as model_dir.
+    extra = ["--teacher=/tmp/teacher"] if "distill" in recipe.name else []
+    flat = config_lib.to_flat(_parse(f"--flagfile={recipe}", *extra))
     expected = EXPECTED.get(recipe.name, {})
     assert {k: flat[k] for k in expected} == expected
 
@@ -200,6 +249,29 @@ def test_helpfull_lists_all_reference_flags():
         assert f"--{name}" in out or f"--[no]{name}" in out, name
 
 
+@pytest.mark.parametrize("arg", ["--help", "-?"])
+def test_help_lists_our_flags_by_group(arg):
+    result = _run_py(arg)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    # Each group's heading, then each of its flags, in config order.
+    position = -1
+    for group_name, group in config_lib.GROUPS.items():
+        heading = out.index(f"\n{group_name} flags: ")
+        assert heading > position, group_name
+        position = heading
+        for f in dataclasses.fields(group):
+            shown = f"--[no]{f.name}:" if f.type == "bool" else f"--{f.name}:"
+            found = out.index(shown, position)
+            assert found > position, f.name
+            position = found
+    assert "--[no]use_blur: Gaussian blur" in out
+    assert "--train_batch_size: Global training batch size" in out
+    assert "(default: '512')" in out
+    # Not absl's own flags: those are --helpfull's.
+    assert "--[no]alsologtostderr" not in out
+
+
 def test_only_check_args_on_smoke_recipe():
     result = _run_py("--flagfile=flags/smoke.cfg", "--only_check_args")
     assert result.returncode == 0, result.stderr
@@ -239,3 +311,24 @@ def test_data_error_after_parsing_is_one_line(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "no_such_folder" in result.stderr
     assert "Traceback" not in result.stderr
+    assert not list(tmp_path.iterdir())  # Refused before writing.
+
+
+def test_flags_file_of_a_config_is_what_absl_serializes(tmp_path):
+    # A config built without flags (as scripts do) writes the same lines
+    # absl writes for the flags that parse to it, and replays to it.
+    config = config_lib.replace(
+        _parse(f"--flagfile={ROOT / 'flags' / 'quickstart.cfg'}"),
+        model_dir=str(tmp_path),
+        train_mode="finetune",
+        fine_tune_after_block=4,
+        use_flip=True,
+        weight_decay=0.0,
+        checkpoint="/some ckpt",
+    )
+    cli.write_flags_file(str(tmp_path), config)
+    replayed = _parse(f"--flagfile={tmp_path / 'flags.cfg'}")
+    assert replayed == config
+    absl_lines = [cli.FLAGS[name].serialize() for name in cli.FLAG_NAMES]
+    written = (tmp_path / "flags.cfg").read_text().splitlines()
+    assert written == [line for line in absl_lines if line]

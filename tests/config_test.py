@@ -18,7 +18,7 @@ def _config(**flat):
     "flat, fragment",
     [
         ({"mode": "predict"}, "mode='predict'"),
-        ({"train_mode": "distill"}, "train_mode='distill'"),
+        ({"train_mode": "selftrain"}, "train_mode='selftrain'"),
         ({"optimizer": "sgd"}, "optimizer='sgd'"),
         ({"learning_rate_scaling": "log"}, "learning_rate_scaling='log'"),
         ({"proj_head_mode": "mlp"}, "proj_head_mode='mlp'"),
@@ -38,6 +38,32 @@ def _config(**flat):
         (
             {"proj_head_mode": "none", "ft_proj_selector": 1},
             "ft_proj_selector=1",
+        ),
+        ({"teacher": "/t"}, "teacher='/t' with train_mode=pretrain"),
+        ({"train_mode": "distill"}, "train_mode=distill without --teacher"),
+        (
+            {"train_mode": "distill", "teacher": "/t", "distill_alpha": 1.5},
+            "distill_alpha=1.5",
+        ),
+        (
+            {"train_mode": "distill", "teacher": "/t", "distill_alpha": -0.1},
+            "distill_alpha=-0.1",
+        ),
+        (
+            {
+                "train_mode": "distill",
+                "teacher": "/t",
+                "distill_temperature": 0,
+            },
+            "distill_temperature=0",
+        ),
+        (
+            {
+                "train_mode": "distill",
+                "teacher": "/t",
+                "fine_tune_after_block": 4,
+            },
+            "fine_tune_after_block=4 with train_mode=distill",
         ),
         ({"temperature": 0.0}, "temperature=0.0"),
         ({"temperature": -0.1}, "temperature=-0.1"),
@@ -59,11 +85,12 @@ def _config(**flat):
         ({"min_crop_area": 0.0}, "min_crop_area=0.0"),
         ({"holdout_fraction": 1.0}, "holdout_fraction=1.0"),
         ({"grad_cache_chunk_size": -1}, "grad_cache_chunk_size=-1"),
+        ({"keep_hub_module_max": -2}, "keep_hub_module_max=-2"),
     ],
 )
 def test_each_rule_names_the_value(flat, fragment):
     with pytest.raises(ConfigError) as e:
-        config_lib.validate(_config(**flat))
+        _config(**flat)
     message = str(e.value)
     assert fragment in message
     assert "\n" not in message
@@ -80,8 +107,10 @@ def test_valid_edges_pass():
         {"sk_ratio": 0.0625, "se_ratio": 0.25},
         {"image_size": 8},
         {"train_steps": 5, "train_epochs": 0},
+        {"keep_hub_module_max": 0},  # Keeps all.
+        {"keep_hub_module_max": -1},  # No export.
     ]:
-        config_lib.validate(_config(**flat))
+        _config(**flat)
 
 
 def test_defaults_are_the_reference_defaults():
@@ -153,40 +182,6 @@ def test_config_is_frozen():
         c.loss.temperature = 1.0
 
 
-def test_scaled_learning_rate():
-    optim = config_lib.OptimConfig(learning_rate=0.3)
-    assert config_lib.scaled_learning_rate(optim, 4096) == pytest.approx(4.8)
-    optim = config_lib.OptimConfig(
-        learning_rate=0.075, learning_rate_scaling="sqrt"
-    )
-    # 0.075 * sqrt(4096) = 0.075 * 64.
-    assert config_lib.scaled_learning_rate(optim, 4096) == pytest.approx(4.8)
-    assert config_lib.scaled_learning_rate(optim, 256) == pytest.approx(1.2)
-
-
-def test_step_arithmetic():
-    # ImageNet: 1,281,167 images, batch 4096, 100 epochs, 10 warm-up epochs.
-    train = config_lib.TrainConfig(train_batch_size=4096, train_epochs=100)
-    assert config_lib.total_train_steps(train, 1281167) == 31279
-    optim = config_lib.OptimConfig(warmup_epochs=10)
-    # round(10 * 1281167 // 4096) = 12811670 // 4096 = 3127.
-    assert config_lib.warmup_steps(optim, 1281167, 4096) == 3127
-    assert (
-        config_lib.warmup_steps(
-            config_lib.OptimConfig(warmup_epochs=0), 50000, 512
-        )
-        == 0
-    )
-    # train_steps overrides epochs.
-    train = config_lib.TrainConfig(train_steps=7, train_epochs=100)
-    assert config_lib.total_train_steps(train, 1281167) == 7
-    # Checkpoints: every epoch of 50000 // 512 = 97 steps, or every N steps.
-    train = config_lib.TrainConfig(train_batch_size=512)
-    assert config_lib.checkpoint_every(train, 50000) == 97
-    train = config_lib.TrainConfig(checkpoint_steps=10, checkpoint_epochs=3)
-    assert config_lib.checkpoint_every(train, 50000) == 10
-
-
 def test_cifar_stem_threshold():
     assert config_lib.use_cifar_stem(32)
     assert config_lib.use_cifar_stem(16)
@@ -207,3 +202,61 @@ def test_config_module_does_not_import_tensorflow():
         "assert 'tensorflow' not in sys.modules, 'tensorflow imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_group_checks_itself_on_construction_and_replace():
+    # No separate validation step: an invalid group cannot be built, also
+    # not by dataclasses.replace.
+    with pytest.raises(ConfigError, match="resnet_depth=42"):
+        config_lib.ModelConfig(resnet_depth=42)
+    with pytest.raises(ConfigError, match="temperature=0"):
+        dataclasses.replace(config_lib.LossConfig(), temperature=0)
+    with pytest.raises(ConfigError, match="knn_k=-1"):
+        config_lib.replace(config_lib.Config(), knn_k=-1)
+
+
+def test_replace_changes_fields_across_groups_by_flag_name():
+    base = _config(resnet_depth=18, seed=3)
+    changed = config_lib.replace(
+        base, train_mode="finetune", fine_tune_after_block=4, image_size=32
+    )
+    assert changed.train.train_mode == "finetune"
+    assert changed.train.fine_tune_after_block == 4
+    assert changed.data.image_size == 32
+    # Untouched fields and groups keep their values.
+    assert changed.model == base.model and changed.data.seed == 3
+    assert changed.loss is base.loss
+    with pytest.raises(ConfigError, match="temprature"):
+        config_lib.replace(base, temprature=0.5)
+
+
+def test_every_field_has_a_help_text_and_enums_their_choices():
+    for f in config_lib.fields():
+        assert f.metadata["help"].strip(), f.name
+    choices = {
+        f.name: f.metadata["choices"]
+        for f in config_lib.fields()
+        if "choices" in f.metadata
+    }
+    assert choices == {
+        "color_jitter_impl": ("v1", "v2"),
+        "resnet_depth": (18, 34, 50, 101, 152, 200),
+        "proj_head_mode": ("none", "linear", "nonlinear"),
+        "optimizer": ("momentum", "adam", "lars"),
+        "learning_rate_scaling": ("linear", "sqrt"),
+        "mode": ("train", "eval", "train_then_eval"),
+        "train_mode": ("pretrain", "finetune", "distill"),
+        "mixed_precision": ("auto", "none", "bfloat16", "float16"),
+    }
+    for f in config_lib.fields():
+        if "choices" in f.metadata:
+            assert f.default in f.metadata["choices"], f.name
+
+
+def test_constants_shared_with_the_layers_agree():
+    # config.py cannot import the Keras layers (no TensorFlow there), so
+    # the values both sides accept are tied here.
+    from simclr_tf.models import heads, resnet
+
+    assert config_lib.PROJ_HEAD_MODES == heads.PROJ_HEAD_MODES
+    assert sorted(config_lib.RESNET_DEPTHS) == sorted(resnet.BLOCKS)

@@ -4,6 +4,7 @@ invariant, NaN stop, preemption, checkpoint errors, multi-worker."""
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -15,10 +16,11 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from simclr_tf import cli, experiment
+from simclr_tf import cli, experiment, health
 from simclr_tf import config as config_lib
+from simclr_tf import objective as objective_lib
+from simclr_tf.data import sources
 from simclr_tf.training import checkpoints, trainer
-from simclr_tf.training import step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "flags" / "smoke.cfg"
@@ -32,7 +34,7 @@ def _smoke_config(model_dir, **overrides):
     flat = config_lib.to_flat(cli.config_from_flags())
     cli.FLAGS.unparse_flags()
     flat.update(overrides)
-    return config_lib.validate(config_lib.from_flat(flat))
+    return config_lib.from_flat(flat)
 
 
 def _run(config):
@@ -71,9 +73,18 @@ def test_smoke_run_py_leaves_every_output(tmp_path):
     ):
         assert key in record, key
     assert record["global_step"] == 2
+    assert "flags" not in record  # Numbers only; flags in flags.json.
+    flags = json.loads((tmp_path / "flags.json").read_text())
+    assert flags["train_steps"] == 2
     assert (tmp_path / "result_2.json").exists()
     assert "--train_steps=2" in (tmp_path / "flags.cfg").read_text()
     assert (tmp_path / "saved_model" / "2" / "saved_model.pb").exists()
+    facts = json.loads((tmp_path / "run_info.json").read_text())
+    # mock_data: cifar10's 10 classes, 48 examples per split; 2 steps.
+    assert facts["num_classes"] == 10 and len(facts["class_names"]) == 10
+    assert facts["num_train_examples"] == facts["num_eval_examples"] == 48
+    assert facts["total_steps"] == 2
+    assert facts["dtype_policy"] in ("float32", "mixed_bfloat16")
 
 
 class _Killed(Exception):
@@ -88,7 +99,7 @@ def test_resume_continues_to_the_same_total(tmp_path, monkeypatch):
             checkpoint_steps=2,
             seed=3,
             mode="train",
-            keep_hub_module_max=0,
+            keep_hub_module_max=-1,
         )
 
     _run(config("straight"))
@@ -128,7 +139,7 @@ def test_resume_continues_to_the_same_total(tmp_path, monkeypatch):
 
 def test_linear_eval_leaves_encoder_bit_identical(tmp_path):
     pre = _smoke_config(
-        tmp_path / "pre", mode="train", train_steps=1, keep_hub_module_max=0
+        tmp_path / "pre", mode="train", train_steps=1, keep_hub_module_max=-1
     )
     _run(pre)
     lin = _smoke_config(
@@ -143,19 +154,18 @@ def test_linear_eval_leaves_encoder_bit_identical(tmp_path):
         optimizer="momentum",
         learning_rate=0.1,
         weight_decay=0.0,
-        keep_hub_module_max=0,
+        keep_hub_module_max=-1,
     )
     with tfds.testing.mock_data(num_examples=48):
         strategy = tf.distribute.OneDeviceStrategy("/CPU:0")
-        info = experiment.input_pipeline.get_dataset_info(lin.data)
+        source = sources.open_source(lin.data)
         model, optimizer = experiment.build_model_and_optimizer(
-            lin, strategy, info
+            lin, strategy, source.info
         )
         checkpoints.restore_initial_weights(model, lin)
         before = _encoder_state(model)
         head_before = model.supervised_head.weights[0].numpy().copy()
-        ctx = trainer.TrainContext(strategy, model, optimizer, info, True, None)
-        assert trainer.train(lin, ctx) == 3
+        assert experiment.train(lin, strategy, model, optimizer, source) == 3
     after = _encoder_state(model)
     assert len(before) == len(after) > 0
     for x, y in zip(before, after, strict=True):
@@ -168,31 +178,78 @@ def test_linear_eval_leaves_encoder_bit_identical(tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     built = {}
     original_build = experiment.build_model_and_optimizer
-    original_losses = step_lib.compute_losses
+    original_losses = objective_lib.ContrastiveObjective.__call__
 
     def capture(*args, **kwargs):
         built["model"], built["optimizer"] = original_build(*args, **kwargs)
         return built["model"], built["optimizer"]
 
-    def nan_from_step_3(outputs, labels, model, config, ctx):
-        total, metrics = original_losses(outputs, labels, model, config, ctx)
+    def nan_from_step_3(self, outputs, labels, ctx):
+        total, metrics = original_losses(self, outputs, labels, ctx)
         # Steps 1 and 2 are finite and checkpointed; step 3 is NaN.
         bad = built["optimizer"].iterations >= 2
         total = tf.where(bad, tf.constant(np.nan, tf.float32), total)
         return total, dict(metrics, total_loss=total)
 
     monkeypatch.setattr(experiment, "build_model_and_optimizer", capture)
-    monkeypatch.setattr(step_lib, "compute_losses", nan_from_step_3)
+    monkeypatch.setattr(
+        objective_lib.ContrastiveObjective, "__call__", nan_from_step_3
+    )
     config = _smoke_config(
         tmp_path,
         mode="train",
         train_steps=5,
         checkpoint_steps=1,
-        keep_hub_module_max=0,
+        keep_hub_module_max=-1,
     )
     with pytest.raises(trainer.NonFiniteLossError, match="step 3"):
         _run(config)
     assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-2")
+
+
+def _event_scalars(model_dir):
+    """{tag: {step: value}} of the TF2 scalar summaries in model_dir."""
+    scalars = {}
+    for path in sorted(pathlib.Path(model_dir).glob("events.out.tfevents.*")):
+        for record in tf.data.TFRecordDataset(str(path)):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                array = tf.make_ndarray(value.tensor)
+                if array.ndim == 0:
+                    scalars.setdefault(value.tag, {})[event.step] = float(array)
+    return scalars
+
+
+def test_pretraining_logs_health_monitors_and_warns_on_collapse(
+    tmp_path, monkeypatch, caplog
+):
+    # Every possible projection std is <= 1/sqrt(d) (Jensen), so a
+    # threshold of 2/sqrt(d) calls every log collapsed: the warning must
+    # come at the 5th consecutive log (COLLAPSE_PATIENCE).
+    monkeypatch.setattr(health, "PROJ_STD_COLLAPSE_FRACTION", 2.0)
+    config = _smoke_config(
+        tmp_path,
+        mode="train",
+        train_steps=health.COLLAPSE_PATIENCE,
+        checkpoint_steps=1,
+        keep_hub_module_max=-1,
+    )
+    with caplog.at_level("INFO", logger="absl"):
+        _run(config)
+    scalars = _event_scalars(tmp_path)
+    steps = list(range(1, health.COLLAPSE_PATIENCE + 1))
+    rows = 2 * config.train.train_batch_size  # Two views, one replica.
+    feature_dim = 512  # ResNet-18.
+    for step in steps:
+        std = scalars["train/proj_std"][step]
+        rank = scalars["train/rankme"][step]
+        assert 0.0 < std <= 1.0 / np.sqrt(config.model.proj_out_dim) + 1e-6
+        assert 1.0 <= rank <= min(rows, feature_dim) + 1e-3
+    # The progress line: "... proj_std 0.088  rankme 12.3  ETA ...".
+    assert re.search(r"proj_std \d\.\d{3}  rankme \d+\.\d  ETA", caplog.text)
+    warnings = [r for r in caplog.records if "looks collapsed" in r.message]
+    assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
+    assert f"Step {steps[-1]}:" in warnings[0].message
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
@@ -206,7 +263,10 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 def test_incompatible_checkpoint_names_the_mismatch(tmp_path):
     _run(
         _smoke_config(
-            tmp_path / "r18", mode="train", train_steps=1, keep_hub_module_max=0
+            tmp_path / "r18",
+            mode="train",
+            train_steps=1,
+            keep_hub_module_max=-1,
         )
     )
     config = _smoke_config(
@@ -220,7 +280,7 @@ def test_incompatible_checkpoint_names_the_mismatch(tmp_path):
 
 
 def test_finished_model_dir_says_so_and_evaluates(tmp_path, caplog):
-    config = _smoke_config(tmp_path, train_steps=1, keep_hub_module_max=0)
+    config = _smoke_config(tmp_path, train_steps=1, keep_hub_module_max=-1)
     _run(config)
     with caplog.at_level("INFO", logger="absl"):
         results = _run(config)
@@ -278,7 +338,7 @@ def test_multi_worker_smoke_on_loopback(tmp_path):
                 _mock_run_cmd(
                     f"--model_dir={tmp_path}",
                     "--mode=train",
-                    "--keep_hub_module_max=0",
+                    "--keep_hub_module_max=-1",
                 ),
                 env=env,
                 stderr=subprocess.PIPE,
@@ -296,8 +356,16 @@ def test_multi_worker_smoke_on_loopback(tmp_path):
 def test_eval_mode_evaluates_the_latest_checkpoint_and_stops(tmp_path):
     # Like the reference: evaluate each new checkpoint, starting from the
     # latest, and stop once the last training step has been evaluated.
-    _run(_smoke_config(tmp_path, mode="train", keep_hub_module_max=0))
-    assert _run(_smoke_config(tmp_path, mode="eval")) is None
+    _run(_smoke_config(tmp_path, mode="train", keep_hub_module_max=-1))
+    assert not (tmp_path / "saved_model").exists()  # -1: no export.
+    # An earlier export, which keep_hub_module_max=0 (keep all) keeps.
+    (tmp_path / "saved_model" / "1").mkdir(parents=True)
+    eval_config = _smoke_config(tmp_path, mode="eval", keep_hub_module_max=0)
+    assert _run(eval_config) is None
+    # One export per evaluated checkpoint, named by its step.
+    exports = sorted(p.name for p in (tmp_path / "saved_model").iterdir())
+    assert exports == ["1", "2"]
+    assert (tmp_path / "saved_model" / "2" / "saved_model.pb").exists()
     record = json.loads((tmp_path / "result_2.json").read_text())
     assert record["global_step"] == 2
     assert 0.0 <= record["eval/label_top_1_accuracy"] <= 1.0

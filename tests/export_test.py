@@ -24,7 +24,7 @@ import tensorflow as tf
 from PIL import Image
 
 from simclr_tf import config as config_lib
-from simclr_tf import export
+from simclr_tf import export, run_info
 from simclr_tf.data import augment
 from simclr_tf.models import factory
 
@@ -59,6 +59,18 @@ def _png(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _run_info(num_classes):
+    """The run_info.json a run of `_config` on a labelled set writes."""
+    return run_info.RunInfo(
+        num_classes=num_classes,
+        class_names=None,
+        num_train_examples=8,
+        num_eval_examples=8,
+        dtype_policy="float32",
+        total_steps=STEP,
+    )
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -106,6 +118,7 @@ def run(tmp_path_factory):
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
     tf.train.CheckpointManager(checkpoint, model_dir, 1).save(STEP)
     config_lib.write_json(config, model_dir)
+    run_info.write(_run_info(CLASSES), model_dir)
     export_dir = str(root / "export")
     _run(
         [
@@ -472,6 +485,21 @@ def test_export_run_writes_step_dir_and_keeps_newest(tmp_path, monkeypatch):
     assert metadata["resnet_depth"] == 18
 
 
+def test_export_run_with_keep_zero_keeps_every_export(tmp_path, monkeypatch):
+    def fake_export(model, export_dir, *, image_size, metadata):
+        os.makedirs(export_dir)
+        return export_dir
+
+    monkeypatch.setattr(export, "export_saved_model", fake_export)
+    config = config_lib.replace(_config(str(tmp_path)), keep_hub_module_max=0)
+    info = types.SimpleNamespace(num_classes=CLASSES, class_names=None)
+    model = types.SimpleNamespace(compute_dtype="float32")
+    for step in (2, 4, 6):
+        export.export_run(config, model, info, step)
+    base = tmp_path / "saved_model"
+    assert sorted(p.name for p in base.iterdir()) == ["2", "4", "6"]
+
+
 def test_export_of_a_bfloat16_run_computes_in_float32(tmp_path):
     config = _config(str(tmp_path))
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
@@ -510,11 +538,16 @@ def test_export_of_a_bfloat16_run_computes_in_float32(tmp_path):
     assert tf.float32 in dtypes and tf.bfloat16 not in dtypes
 
 
-def test_num_classes_in_checkpoint_without_supervised_head(tmp_path):
+def test_export_checkpoint_needs_run_info_and_reads_its_classes(tmp_path):
     config = _config(str(tmp_path), train_mode="pretrain")
     model = factory.build_model(config, None)
-    path = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
-    assert export.num_classes_in_checkpoint(path) is None
+    tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
+    config_lib.write_json(config, str(tmp_path))
+    with pytest.raises(export.ExportError, match="has no run_info.json"):
+        export.export_checkpoint(str(tmp_path))
+    # A pretraining run on unlabelled data: no classes, no head.
+    run_info.write(_run_info(None), str(tmp_path))
+    assert run_info.read(str(tmp_path)).num_classes is None
 
 
 def test_export_checkpoint_needs_a_run_directory(tmp_path):
@@ -595,3 +628,62 @@ def test_tensorflow_hub_load_and_keras_layer(run, consumer):
     losses, changed, trainable = info["frozen"]
     assert losses[-1] < losses[0]
     assert trainable == 0 and not any(changed)
+
+
+_GRADIENT_CONSUMER = r"""
+import sys
+import numpy as np, tensorflow as tf
+
+export_dir, inputs_path, out_path = sys.argv[1:]
+inp = np.load(inputs_path)
+obj = tf.saved_model.load(export_dir)
+with tf.GradientTape() as tape:
+    out = obj(inp["x"], training=True)
+    loss = tf.reduce_sum(out["proj_head_output"] * inp["w"])
+grads = tape.gradient(loss, obj.trainable_variables)
+np.savez(out_path, *[g.numpy() for g in grads])
+"""
+
+
+@pytest.mark.slow
+def test_loaded_export_has_saved_gradients(tmp_path):
+    # The projection head's BN is synchronised (global_bn); Keras's
+    # synchronised moments used to put unsaveable nested custom gradients
+    # into the export, and each load warned that gradients would fail.
+    config = _config(str(tmp_path), train_mode="pretrain")
+    model = factory.build_model(config, None)
+    export_dir = str(tmp_path / "export")
+    export.export_saved_model(model, export_dir, image_size=SIZE, metadata={})
+    rng = np.random.default_rng(2)
+    x = rng.uniform(size=(4, SIZE, SIZE, 3)).astype("float32")
+    w = rng.normal(size=(4, config.model.proj_out_dim)).astype("float32")
+    inputs_path = str(tmp_path / "inputs.npz")
+    np.savez(inputs_path, x=x, w=w)
+    script = tmp_path / "gradients.py"
+    script.write_text(_GRADIENT_CONSUMER)
+    out_path = str(tmp_path / "grads.npz")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    result = subprocess.run(
+        [sys.executable, str(script), export_dir, inputs_path, out_path],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "custom gradient" not in result.stderr
+    # The same loss on the in-memory model (batch statistics, as the
+    # loaded module computes with training=True).
+    with tf.GradientTape() as tape:
+        out = model(x, training=True)
+        loss = tf.reduce_sum(tf.cast(out["proj_head_output"], tf.float32) * w)
+    expected = tape.gradient(loss, model.trainable_variables)
+    loaded = np.load(out_path)
+    got = [loaded[f"arr_{i}"] for i in range(len(loaded.files))]
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected, strict=True):
+        # Float32 sums over whole batches in another op order: each tensor
+        # agrees to 1e-4 of its own largest entry.
+        scale = float(np.abs(e.numpy()).max())
+        np.testing.assert_allclose(g, e.numpy(), rtol=1e-4, atol=1e-4 * scale)

@@ -130,13 +130,30 @@ def test_finetune_without_labels_is_a_clear_error():
         factory.build_model(make_config(train_mode="finetune"), None)
 
 
-def test_zero_init_logits_only_when_finetuning():
-    fine = factory.build_model(
-        make_config(train_mode="finetune", zero_init_logits_layer=True), 10
+@pytest.mark.parametrize("train_mode", ["finetune", "pretrain"])
+def test_zero_init_logits_only_with_a_checkpoint(train_mode):
+    # Reference: the head is zeroed only when `--checkpoint` brings the
+    # weights; a fresh run gets RandomNormal(stddev=0.01).
+    extra = {"lineareval_while_pretraining": True}
+    restored = factory.build_model(
+        make_config(
+            train_mode=train_mode,
+            zero_init_logits_layer=True,
+            checkpoint="/pretrained/ckpt-10",
+            **extra,
+        ),
+        10,
     )
-    np.testing.assert_array_equal(fine.supervised_head.dense.kernel, 0.0)
-    pre = factory.build_model(make_config(zero_init_logits_layer=True), 10)
-    assert np.abs(pre.supervised_head.dense.kernel.numpy()).sum() > 0
+    np.testing.assert_array_equal(restored.supervised_head.dense.kernel, 0.0)
+    np.testing.assert_array_equal(restored.supervised_head.dense.bias, 0.0)
+    fresh = factory.build_model(
+        make_config(
+            train_mode=train_mode, zero_init_logits_layer=True, **extra
+        ),
+        10,
+    )
+    kernel = fresh.supervised_head.dense.kernel.numpy()
+    assert 0.005 < kernel.std() < 0.015  # RandomNormal(stddev=0.01).
 
 
 def test_fine_tune_after_block_only_when_finetuning():
@@ -157,9 +174,13 @@ def test_fine_tune_after_block_only_when_finetuning():
     fine(tf.random.uniform((4, 32, 32, 3), seed=2), training=True)
     for v, old in zip(fine.encoder.weights, before, strict=True):
         np.testing.assert_array_equal(v.numpy(), old)
-    # The validated config rejects it in pretraining; the factory, given an
-    # unvalidated one, does not freeze.
-    pre = factory.build_model(make_config(fine_tune_after_block=2), 10)
+    # A config rejects it in pretraining (ConfigError); the factory, given
+    # one forged past that check, does not freeze.
+    with pytest.raises(config_lib.ConfigError, match="fine_tune_after_block"):
+        make_config(fine_tune_after_block=2)
+    forged = make_config(train_steps=1)  # A TrainConfig of its own.
+    object.__setattr__(forged.train, "fine_tune_after_block", 2)
+    pre = factory.build_model(forged, 10)
     assert all(p.trainable for p in pre.encoder.parts)
 
 

@@ -1,4 +1,5 @@
-"""Tests of simclr_tf.data.input_pipeline: image folders and TFDS (mocked)."""
+"""Tests of simclr_tf.data.input_pipeline and .sources: image folders, TFDS
+(mocked) and in-memory arrays."""
 
 import dataclasses
 import hashlib
@@ -16,6 +17,7 @@ from PIL import Image
 
 from simclr_tf import config
 from simclr_tf.data import input_pipeline as ip
+from simclr_tf.data import sources
 from tests.helpers import two_replica_strategy
 
 SIZE = 16
@@ -98,6 +100,36 @@ def _batches(ds, n=None):
     return out
 
 
+def _build(data, *, is_training, pretrain, source=None, **kw):
+    """The pipeline of `data` as a run builds it: 2 views to pretrain."""
+    return ip.build_dataset(
+        source or sources.open_source(data),
+        data,
+        is_training=is_training,
+        pretrain=pretrain,
+        num_views=2 if is_training and pretrain else 1,
+        **kw,
+    )
+
+
+def _build_distributed(strategy, data, *, is_training, pretrain, **kw):
+    return ip.build_distributed_dataset(
+        strategy,
+        sources.open_source(data),
+        data,
+        is_training=is_training,
+        pretrain=pretrain,
+        num_views=2 if is_training and pretrain else 1,
+        **kw,
+    )
+
+
+def _decoded(data, split):
+    """(uint8 image, label) of each record of a split, in order."""
+    source = sources.open_source(data)
+    return [(source.decode(r), y) for r, y in source.records(split)]
+
+
 def _digest(image) -> str:
     return hashlib.sha1(np.asarray(image).tobytes()).hexdigest()
 
@@ -107,9 +139,10 @@ def _digest(image) -> str:
 
 
 def test_folder_info_holdout_and_skipped_files(class_folder, caplog):
-    caplog.set_level(logging.WARNING)
+    caplog.set_level(logging.INFO)
     data = _data(class_folder, holdout_fraction=0.2, eval_split="val")
-    info = ip.get_dataset_info(data)
+    source = sources.open_source(data)
+    info = source.info
     # Holdout per class of all listed files: ant 12 files -> round(2.4) = 2
     # held, bee 12 -> 2 held; the 2 unreadable ant files are then dropped
     # from whichever side they fell on.
@@ -122,8 +155,32 @@ def test_folder_info_holdout_and_skipped_files(class_folder, caplog):
         r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()
     ]
     assert len(warnings) == 1 and "Skipped 2 unreadable" in warnings[0]
-    # Reported once per process, not again on the next call.
-    ip.get_dataset_info(data)
+    # One summary line of what the scan found.
+    (summary,) = [
+        r.getMessage()
+        for r in caplog.records
+        if r.getMessage().startswith("Image folder")
+    ]
+    assert "2 classes (ant, bee)" in summary
+    assert f"train {info.num_train_examples}, val {info.num_eval_examples}" in (
+        summary
+    )
+    assert (
+        "(one folder)" in summary
+        and "files skipped (do not decode): 2" in summary
+    )
+    # The folder is scanned once, when opened: reading its info again and
+    # building pipelines of both splits reports nothing more.
+    assert source.info == info
+    for split in ("train", "val"):
+        _build(
+            data,
+            source=source,
+            batch_size=4,
+            is_training=False,
+            pretrain=False,
+            split=split,
+        )
     again = [r for r in caplog.records if "unreadable" in r.getMessage()]
     assert len(again) == 1
 
@@ -132,8 +189,8 @@ def test_folder_holdout_is_disjoint_and_deterministic(class_folder):
     data = _data(class_folder, holdout_fraction=0.2, eval_split="val")
 
     def digests(split, seed):
-        source = ip.build_source(dataclasses.replace(data, seed=seed), split)
-        return [(_digest(x), int(y)) for x, y in source]
+        images = _decoded(dataclasses.replace(data, seed=seed), split)
+        return [(_digest(x), int(y)) for x, y in images]
 
     train, held = digests("train", 1), digests("val", 1)
     assert not {d for d, _ in train} & {d for d, _ in held}
@@ -142,10 +199,10 @@ def test_folder_holdout_is_disjoint_and_deterministic(class_folder):
 
 
 def test_folder_decodes_every_format_to_rgb_with_right_labels(class_folder):
-    source = list(ip.build_source(_data(class_folder), "train"))
-    assert len(source) == 22
+    images = _decoded(_data(class_folder), "train")
+    assert len(images) == 22
     grays = 0
-    for image, label in source:
+    for image, label in images:
         assert image.dtype == tf.uint8 and image.shape.rank == 3
         assert image.shape[-1] == 3
         image = image.numpy().astype(int)
@@ -166,7 +223,7 @@ def test_folder_pipeline_shapes_per_mode(
     class_folder, is_training, pretrain, channels
 ):
     data = _data(class_folder)
-    ds = ip.build_dataset(
+    ds = _build(
         data,
         batch_size=8,
         is_training=is_training,
@@ -189,7 +246,7 @@ def test_folder_pipeline_shapes_per_mode(
 
 
 def test_eval_labels_match_images(class_folder):
-    ds = ip.build_dataset(
+    ds = _build(
         _data(class_folder, image_size=20),
         batch_size=22,
         is_training=False,
@@ -208,7 +265,7 @@ def test_eval_labels_match_images(class_folder):
 def test_two_replicas_get_half_the_global_batch(class_folder):
     strategy = two_replica_strategy()
     data = _data(class_folder)
-    ds = ip.build_distributed_dataset(
+    ds = _build_distributed(
         strategy, data, global_batch_size=8, is_training=True, pretrain=True
     )
     images, labels = next(iter(ds))
@@ -222,13 +279,13 @@ def test_two_replicas_get_half_the_global_batch(class_folder):
     assert not np.allclose(local[0].numpy(), local[1].numpy())
     # A run resumed after 1 step gets the uninterrupted run's 2nd step.
     iterator = iter(
-        ip.build_distributed_dataset(
+        _build_distributed(
             strategy, data, global_batch_size=8, is_training=True, pretrain=True
         )
     )
     next(iterator)
     second = strategy.experimental_local_results(next(iterator)[0])
-    resumed = ip.build_distributed_dataset(
+    resumed = _build_distributed(
         strategy,
         data,
         global_batch_size=8,
@@ -239,7 +296,7 @@ def test_two_replicas_get_half_the_global_batch(class_folder):
     first = strategy.experimental_local_results(next(iter(resumed))[0])
     for a, b in zip(second, first, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
-    eval_ds = ip.build_distributed_dataset(
+    eval_ds = _build_distributed(
         strategy,
         data,
         global_batch_size=8,
@@ -257,7 +314,7 @@ def test_two_replicas_get_half_the_global_batch(class_folder):
 
 def test_fixed_seed_gives_identical_batches(class_folder):
     def first_batches(**kw):
-        ds = ip.build_dataset(
+        ds = _build(
             _data(class_folder, **kw),
             batch_size=8,
             is_training=True,
@@ -271,7 +328,7 @@ def test_fixed_seed_gives_identical_batches(class_folder):
         np.testing.assert_array_equal(ya, yb)
     # A resumed run skipping 2 batches sees batches 2 and 3 again.
     resumed = _batches(
-        ip.build_dataset(
+        _build(
             _data(class_folder, seed=5),
             batch_size=8,
             is_training=True,
@@ -300,7 +357,7 @@ def test_split_subfolders_and_missing_eval_class(tmp_path, caplog):
         os.path.join(root, "val"), rng, 3, {"bee": CLASS_COLOURS["bee"]}
     )
     data = _data(root, eval_split="val")
-    info = ip.get_dataset_info(data)
+    info = sources.open_source(data).info
     assert (info.num_train_examples, info.num_eval_examples) == (8, 3)
     assert info.class_names == ("ant", "bee")
     assert any(
@@ -308,10 +365,10 @@ def test_split_subfolders_and_missing_eval_class(tmp_path, caplog):
         for r in caplog.records
     )
     # val/ labels follow the train classes: bee is class 1.
-    labels = [int(y) for _, y in ip.build_source(data, "val")]
+    labels = [int(y) for _, y in _decoded(data, "val")]
     assert labels == [1, 1, 1]
-    with pytest.raises(ip.DatasetError, match="'test'.*'train', 'val'"):
-        ip.build_dataset(
+    with pytest.raises(sources.DatasetError, match="'test'.*'train', 'val'"):
+        _build(
             data, batch_size=2, is_training=False, pretrain=False, split="test"
         )
 
@@ -321,8 +378,8 @@ def test_eval_class_unknown_to_train_is_an_error(tmp_path):
     root = str(tmp_path / "splits")
     _write_class_images(os.path.join(root, "train"), rng, 2)
     _write_class_images(os.path.join(root, "val"), rng, 2, {"cow": (9, 9, 9)})
-    with pytest.raises(ip.DatasetError, match="cow"):
-        ip.get_dataset_info(_data(root, eval_split="val"))
+    with pytest.raises(sources.DatasetError, match="cow"):
+        sources.open_source(_data(root, eval_split="val"))
 
 
 def test_flat_folder_is_unlabeled_pretraining_only(tmp_path):
@@ -334,33 +391,36 @@ def test_flat_folder_is_unlabeled_pretraining_only(tmp_path):
             _noise_image(rng, (90,) * 3, (17, 23)),
         )
     data = _data(root)
-    info = ip.get_dataset_info(data)
+    info = sources.open_source(data).info
     assert info.num_classes is None and info.num_train_examples == 6
-    assert info.num_eval_examples == 0  # No eval split: a warning only.
+    assert info.num_eval_examples == 0  # No eval split: training only.
     x, y = _batches(
-        ip.build_dataset(data, batch_size=4, is_training=True, pretrain=True), 1
+        _build(data, batch_size=4, is_training=True, pretrain=True), 1
     )[0]
     assert x.shape == (4, SIZE, SIZE, 6) and y.shape == (4, 0)
-    with pytest.raises(ip.DatasetError, match="no labels"):
-        ip.build_dataset(data, batch_size=4, is_training=True, pretrain=False)
-    with pytest.raises(ip.DatasetError, match="holdout_fraction"):
-        ip.build_dataset(data, batch_size=4, is_training=False, pretrain=False)
+    with pytest.raises(sources.DatasetError, match="no labels"):
+        _build(data, batch_size=4, is_training=True, pretrain=False)
+    with pytest.raises(sources.DatasetError, match="holdout_fraction"):
+        _build(data, batch_size=4, is_training=False, pretrain=False)
 
 
 def test_folder_errors_name_the_path(tmp_path):
     missing = str(tmp_path / "nowhere")
-    with pytest.raises(ip.DatasetError, match=f"{missing} is not a directory"):
-        ip.get_dataset_info(_data(missing))
+    with pytest.raises(
+        sources.DatasetError, match=f"{missing} is not a directory"
+    ):
+        sources.open_source(_data(missing))
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
     (empty / "notes.txt").write_text("no images here")
-    with pytest.raises(ip.DatasetError, match=f"no images.*{empty}"):
-        ip.get_dataset_info(_data(str(empty)))
+    with pytest.raises(sources.DatasetError, match=f"no images.*{empty}"):
+        sources.open_source(_data(str(empty)))
 
 
 def test_preview_grid_from_a_folder(class_folder):
+    data = _data(class_folder, use_blur=True)
     grid = ip.preview_grid(
-        _data(class_folder, use_blur=True), num_images=3, num_views=2
+        sources.open_source(data), data, num_images=3, num_views=2
     )
     # 3 rows, original + 2 views, each tile 16 px plus 2 px borders.
     assert grid.shape == (1, 3 * 20, 3 * 20, 3)
@@ -377,24 +437,20 @@ def test_tfds_mock_cifar10_pipelines():
         dataset="cifar10", image_size=32, eval_split="test", seed=3
     )
     with tfds.testing.mock_data(num_examples=10):
-        info = ip.get_dataset_info(data)
+        info = sources.open_source(data).info
         assert (info.num_train_examples, info.num_eval_examples) == (10, 10)
         assert info.num_classes == 10 and len(info.class_names) == 10
-        train = ip.build_dataset(
-            data, batch_size=4, is_training=True, pretrain=True
-        )
+        train = _build(data, batch_size=4, is_training=True, pretrain=True)
         x, y = _batches(train, 1)[0]
         assert x.shape == (4, 32, 32, 6) and y.shape == (4, 10)
         np.testing.assert_array_equal(y.sum(1), 1.0)
         evals = _batches(
-            ip.build_dataset(
-                data, batch_size=4, is_training=False, pretrain=True
-            )
+            _build(data, batch_size=4, is_training=False, pretrain=True)
         )
         assert [len(x) for x, _ in evals] == [4, 4, 2]
         assert all(x.shape[1:] == (32, 32, 3) for x, _ in evals)
         # Slicing syntax is passed to TFDS.
-        ip.build_dataset(
+        _build(
             data,
             batch_size=4,
             is_training=False,
@@ -402,7 +458,7 @@ def test_tfds_mock_cifar10_pipelines():
             split="train[:50%]",
         )
         strategy = two_replica_strategy()
-        dist = ip.build_distributed_dataset(
+        dist = _build_distributed(
             strategy,
             data,
             global_batch_size=4,
@@ -428,20 +484,49 @@ def test_tfds_unlabeled_examples_get_zero_labels():
         dataset="stl10", train_split="unlabeled", image_size=SIZE, seed=1
     )
     with tfds.testing.mock_data(as_dataset_fn=as_dataset):
-        assert ip.get_dataset_info(data).num_classes == 10
+        assert sources.open_source(data).info.num_classes == 10
         x, y = _batches(
-            ip.build_dataset(
-                data, batch_size=5, is_training=True, pretrain=True
-            ),
+            _build(data, batch_size=5, is_training=True, pretrain=True),
             1,
         )[0]
     assert x.shape == (5, SIZE, SIZE, 6)
     np.testing.assert_array_equal(y, np.zeros([5, 10]))
 
 
+def test_tfds_reads_files_interleaved_like_the_reference():
+    """cycle_length 32, block_length 1 (reference tf2/data.py) for the
+    training and the eval split, so files mix before the shuffle."""
+    png = tf.io.encode_png(tf.zeros([8, 8, 3], tf.uint8))
+    calls = []
+
+    def as_dataset(self, split, decoders=None, read_config=None, **kwargs):
+        del self, decoders
+        calls.append((split, kwargs.get("shuffle_files"), read_config))
+        return tf.data.Dataset.from_tensors(
+            {"image": png, "label": tf.constant(1, tf.int64)}
+        ).repeat(4)
+
+    data = config.DataConfig(
+        dataset="cifar10", eval_split="test", image_size=SIZE, seed=1
+    )
+    with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+        source = sources.open_source(data)
+        calls.clear()  # Counting the examples reads without a ReadConfig.
+        source.records("train", shuffle_files=True, shuffle_seed=5)
+        source.records("test")
+    assert [(split, shuffle) for split, shuffle, _ in calls] == [
+        ("train", True),
+        ("test", False),
+    ]
+    for _, _, read_config in calls:
+        assert read_config.interleave_cycle_length == 32
+        assert read_config.interleave_block_length == 1
+    assert calls[0][2].shuffle_seed == 5
+
+
 def test_unknown_tfds_name_is_one_clear_error():
-    with pytest.raises(ip.DatasetError) as e:
-        ip.get_dataset_info(config.DataConfig(dataset="cifar_ten"))
+    with pytest.raises(sources.DatasetError) as e:
+        sources.open_source(config.DataConfig(dataset="cifar_ten"))
     message = str(e.value)
     assert "cifar_ten" in message and "folder:" in message
     assert e.value.__cause__ is None and e.value.__suppress_context__
@@ -450,13 +535,13 @@ def test_unknown_tfds_name_is_one_clear_error():
 
 def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path):
     data_dir = str(tmp_path / "tfds")
-    with pytest.raises(ip.DatasetError) as e:
-        ip.get_dataset_info(
+    with pytest.raises(sources.DatasetError) as e:
+        sources.open_source(
             config.DataConfig(dataset="cifar10", data_dir=data_dir)
         )
     assert f"tfds build cifar10 --data_dir={data_dir}" in str(e.value)
-    with pytest.raises(ip.DatasetError) as e:
-        ip.get_dataset_info(
+    with pytest.raises(sources.DatasetError) as e:
+        sources.open_source(
             config.DataConfig(dataset="imagenet2012", data_dir=data_dir)
         )
     assert "downloads/manual" in str(e.value)
@@ -487,6 +572,78 @@ def test_preview_script_writes_a_png(class_folder, tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    png = tf.io.decode_png(tf.io.read_file(str(output)))
-    # 3 rows and 3 columns of 24 px tiles with 2 px borders.
-    assert png.shape == (3 * 28, 3 * 28, 3)
+    sys.path.insert(0, os.path.dirname(script))
+    import plot_run
+
+    # The labelled grid of plot_run.plot_augmentations: 3 rows (images) of
+    # an original and 2 views, at the script's figure size and resolution.
+    width, height = plot_run.augmentation_figsize(3, 2)
+    png = tf.io.decode_png(tf.io.read_file(str(output))).numpy()
+    assert png.shape[:2] == (
+        round(plot_run.DPI * height),
+        round(plot_run.DPI * width),
+    )
+    # Not a blank canvas: the tiles hold images, not only the background.
+    assert len(np.unique(png[..., :3].reshape(-1, 3), axis=0)) > 100
+
+
+# --------------------------------------------------------------------------
+# In-memory arrays.
+
+
+def test_array_source_records_shards_and_eval_pipeline():
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (7, SIZE, SIZE, 3), dtype=np.uint8)
+    labels = np.array([0, 1, 2, 0, 1, 2, 0])
+    source = sources.ArraySource(
+        {"train": (images, labels), "test": (images[:3], labels[:3])},
+        class_names=("a", "b", "c"),
+        eval_split="test",
+    )
+    assert source.info == sources.DatasetInfo(7, 3, 3, ("a", "b", "c"))
+    assert source.info.labelled
+    # Pipeline 1 of 2 gets every second record, starting at the second.
+    context = tf.distribute.InputContext(2, 1, 1)
+    shard = list(source.records("train", input_context=context))
+    assert [int(y) for _, y in shard] == labels[1::2].tolist()
+    for (record, _), image in zip(shard, images[1::2], strict=True):
+        np.testing.assert_array_equal(source.decode(record), image)
+    # Eval at the images' own size (<= 32: no crop, no resize) is the
+    # images scaled to [0, 1], in order, with one-hot labels.
+    data = config.DataConfig(dataset="unused", image_size=SIZE, seed=0)
+    ((x, y),) = _batches(
+        ip.build_dataset(
+            source, data, batch_size=8, is_training=False, split="train"
+        )
+    )
+    np.testing.assert_allclose(x, images / 255.0, atol=1e-6)
+    np.testing.assert_array_equal(y, np.eye(3)[labels])
+    with pytest.raises(sources.DatasetError, match="'val'.*'test', 'train'"):
+        source.records("val")
+
+
+def test_unlabelled_array_source_pretrains_with_num_views():
+    images = (
+        np.zeros((5, 20, 24, 3), np.uint8) + np.arange(5)[:, None, None, None]
+    )
+    source = sources.ArraySource({"train": (images, None)})
+    assert source.info.num_classes is None and not source.info.labelled
+    assert [int(y) for _, y in source.records("train")] == [-1] * 5
+    data = config.DataConfig(dataset="unused", image_size=SIZE, seed=2)
+    for views in (1, 2, 3):
+        x, y = _batches(
+            ip.build_dataset(
+                source,
+                data,
+                batch_size=4,
+                is_training=True,
+                pretrain=True,
+                num_views=views,
+            ),
+            1,
+        )[0]
+        assert x.shape == (4, SIZE, SIZE, 3 * views) and y.shape == (4, 0)
+    with pytest.raises(sources.DatasetError, match="no labels"):
+        ip.build_dataset(
+            source, data, batch_size=4, is_training=True, pretrain=False
+        )

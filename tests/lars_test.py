@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from simclr_tf import lars
+from simclr_tf.models import simclr_model
 from tests.helpers import two_replica_strategy
 
 LR, MOMENTUM, WD, EETA = 0.5, 0.9, 0.1, 0.01
@@ -206,20 +207,21 @@ def test_lars_exclusions_of_a_small_model():
     head = model.supervised_head
     want = [bn0.gamma, bn0.beta, conv1.bias, dense0.bias, bn1.gamma]
     want += [head.kernel, head.bias]
-    got = lars.lars_exclusions(model)
+    groups = simclr_model.weight_groups(model)
+    got = groups.lars_exclusions
     assert {id(v) for v in got} == {id(v) for v in want}
     assert len(got) == len(want)
-    assert {id(v) for v in lars.batch_norm_variables(model)} == {
+    assert {id(v) for v in groups.batch_norm} == {
         id(bn0.gamma),
         id(bn0.beta),
         id(bn1.gamma),
     }
-    assert {id(v) for v in lars.bias_variables(model)} == {
+    assert {id(v) for v in groups.biases} == {
         id(conv1.bias),
         id(dense0.bias),
         id(head.bias),
     }
-    assert lars.supervised_head_variables(model) == [head.kernel, head.bias]
+    assert list(groups.supervised_head) == [head.kernel, head.bias]
 
 
 def test_lars_exclusions_of_the_resnet18_simclr_model():
@@ -228,7 +230,7 @@ def test_lars_exclusions_of_the_resnet18_simclr_model():
 
     config = config_lib.from_flat(dict(resnet_depth=18, image_size=32))
     model = factory.build_model(config, num_classes=10)
-    got = {id(v) for v in lars.lars_exclusions(model)}
+    got = {id(v) for v in model.weight_groups.lars_exclusions}
     # Independent count: every BN has gamma + beta (center=False BN has
     # gamma only), the supervised head has kernel + bias, and the only
     # biases are those of the head's Dense layers.

@@ -165,6 +165,77 @@ def test_supervised_loss():
     np.testing.assert_allclose(got32.numpy(), want, rtol=1e-6)
 
 
+def np_distillation(teacher, student, t):
+    """T^2 * row mean of -sum softmax(teacher/T) * log softmax(student/T)."""
+    log_q = _log_softmax(teacher / t)
+    return t**2 * np.mean(-(np.exp(log_q) * _log_softmax(student / t)).sum(1))
+
+
+@pytest.mark.parametrize("t", [0.5, 1.0, 2.0, 4.0])
+def test_distillation_loss_matches_numpy(t):
+    rng = np.random.default_rng(11)
+    teacher = rng.normal(size=(5, 7)) * 3
+    student = rng.normal(size=(5, 7)) * 3
+    got = losses.distillation_loss(teacher, student, temperature=t)
+    assert got.dtype == tf.float64
+    np.testing.assert_allclose(
+        got.numpy(), np_distillation(teacher, student, t), rtol=1e-12
+    )
+    # Same teacher and student: the loss is T^2 * the teacher's entropy.
+    log_q = _log_softmax(teacher / t)
+    entropy = -np.mean((np.exp(log_q) * log_q).sum(1))
+    np.testing.assert_allclose(
+        losses.distillation_loss(teacher, teacher, temperature=t).numpy(),
+        t**2 * entropy,
+        rtol=1e-12,
+    )
+
+
+def test_distillation_loss_half_precision_student_in_float32():
+    rng = np.random.default_rng(2)
+    teacher = rng.normal(size=(4, 5)).astype(np.float32)
+    student = rng.normal(size=(4, 5)).astype(np.float32)
+    got = losses.distillation_loss(
+        teacher, tf.constant(student, tf.bfloat16), temperature=2.0
+    )
+    assert got.dtype == tf.float32
+    rounded = tf.cast(tf.constant(student, tf.bfloat16), tf.float64).numpy()
+    np.testing.assert_allclose(
+        got.numpy(),
+        np_distillation(teacher.astype(np.float64), rounded, 2.0),
+        rtol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("t", [1.0, 3.0])
+def test_distillation_gradient_matches_finite_differences(t):
+    rng = np.random.default_rng(5)
+    teacher = tf.constant(rng.normal(size=(3, 4)))
+    student = rng.normal(size=(3, 4))
+    x = tf.constant(student)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([x, teacher])
+        loss = losses.distillation_loss(teacher, x, temperature=t)
+    grad = tape.gradient(loss, x).numpy()
+    # The teacher is a constant target: no gradient flows into it.
+    assert tape.gradient(loss, teacher) is None
+    # Closed form: T * (softmax(s / T) - softmax(t / T)) / b.
+    p = np.exp(_log_softmax(student / t))
+    q = np.exp(_log_softmax(teacher.numpy() / t))
+    np.testing.assert_allclose(grad, t * (p - q) / 3, rtol=1e-10)
+    eps = 1e-6
+    numeric = np.zeros_like(student)
+    for idx in np.ndindex(*student.shape):
+        plus, minus = student.copy(), student.copy()
+        plus[idx] += eps
+        minus[idx] -= eps
+        numeric[idx] = (
+            np_distillation(teacher.numpy(), plus, t)
+            - np_distillation(teacher.numpy(), minus, t)
+        ) / (2 * eps)
+    np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-9)
+
+
 # ---------------------------------------------------------------------------
 # Two replicas (MirroredStrategy over 2 logical CPUs) vs one.
 

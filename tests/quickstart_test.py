@@ -108,10 +108,35 @@ def test_plot_curves_writes_a_png_with_content(tmp_path):
     )
     with Image.open(path) as image:
         assert image.format == "PNG"
-        assert image.size == (1500, 420)  # figsize (15, 4.2) at 100 dpi
+        assert image.size == (1200, 360)  # One run: figsize (12, 3.6), 100 dpi
         pixels = np.asarray(image.convert("L"))
     # Curves and axes: far from a blank (white) canvas.
     assert (pixels < 128).mean() > 0.005
+
+
+def test_plot_curves_adds_health_panels_only_with_their_data(tmp_path):
+    # Run "a" logged the health monitors, run "b" did not: two more panels
+    # per row (6 inches each), left blank in "b"'s row.
+    _write_events(tmp_path / "a")
+    _write_events(tmp_path / "b")
+    writer = tf.summary.create_file_writer(str(tmp_path / "a"))
+    with writer.as_default():
+        for step in (10, 20, 30):
+            tf.summary.scalar("train/proj_std", 0.08, step)
+            tf.summary.scalar("train/rankme", 40.0 - step, step)
+    writer.close()
+    runs = {
+        label: plot_run.read_scalars(str(tmp_path / label))
+        for label in ("a", "b")
+    }
+    assert [tag for tag, _ in plot_run.health_panels(runs)] == [
+        "train/proj_std",
+        "train/rankme",
+    ]
+    assert plot_run.health_panels({"b": runs["b"]}) == []
+    path = plot_run.plot_curves(runs, str(tmp_path / "curves.png"))
+    with Image.open(path) as image:
+        assert image.size == (2400, 720)  # 2 rows x 4 panels
 
 
 def test_write_preview_grid_shape(tmp_path, digits_root):
@@ -130,9 +155,12 @@ def test_write_preview_grid_shape(tmp_path, digits_root):
     config_lib.write_json(config, str(run))
     path = plot_run.write_preview(str(run), str(tmp_path / "a.png"), 3)
     with Image.open(path) as image:
-        # 3 rows x (original + 4 views) of 16 + 2 x 2 padding pixels,
-        # upscaled 3x (ceil(48 / 16)).
-        assert image.size == (5 * 20 * 3, 3 * 20 * 3)
+        # 3 rows x (original + 4 views) of 1.25-inch tiles plus margins
+        # and title, at 100 dpi.
+        assert image.size == (
+            round(100 * (1.25 * 5 + 0.4)),
+            1.25 * 3 * 100 + 90,
+        )
 
 
 @pytest.mark.parametrize("base_width", [16, 64])
@@ -172,9 +200,57 @@ def test_zero_init_residual_bn_sets_the_last_bn_gamma(zero_init):
 
 
 def test_resnet_base_width_is_validated():
-    bad = config_lib.Config(model=config_lib.ModelConfig(resnet_base_width=7))
     with pytest.raises(config_lib.ConfigError, match="resnet_base_width=7"):
-        config_lib.validate(bad)
+        config_lib.Config(model=config_lib.ModelConfig(resnet_base_width=7))
+
+
+def _parse_run_py(*args):
+    """The config run.py builds from the quickstart recipe plus `args`."""
+    from simclr_tf import cli
+
+    cli.FLAGS.unparse_flags()
+    try:
+        recipe = f"--flagfile={ROOT / 'flags' / 'quickstart.cfg'}"
+        cli.FLAGS(["run.py", recipe, *args])
+        return cli.config_from_flags()
+    finally:
+        cli.FLAGS.unparse_flags()
+
+
+def test_stage_configs_equal_the_documented_run_py_commands():
+    # flags/quickstart.cfg's header gives the run.py command of each stage.
+    work = "/tmp/simclr_quickstart"
+    digits = f"--dataset=folder:{work}/digits"
+    linear = [
+        "--train_mode=finetune",
+        "--fine_tune_after_block=4",
+        "--zero_init_logits_layer",
+        "--noglobal_bn",
+        "--optimizer=momentum",
+        "--learning_rate=2.0",
+        "--weight_decay=0",
+        "--warmup_epochs=0",
+        "--train_epochs=60",
+    ]
+    configs = quickstart.stage_configs(_parse_run_py("--seed=1"), work)
+    assert configs["pretrain"] == _parse_run_py(
+        "--seed=1", digits, f"--model_dir={work}/pretrain"
+    )
+    assert configs["linear_eval"] == _parse_run_py(
+        "--seed=1",
+        digits,
+        *linear,
+        f"--checkpoint={work}/pretrain",
+        f"--model_dir={work}/linear_eval",
+    )
+    assert configs["random_linear_eval"] == _parse_run_py(
+        "--seed=1",
+        digits,
+        *linear,
+        "--nozero_init_residual_bn",
+        "--keep_hub_module_max=-1",
+        f"--model_dir={work}/random_linear_eval",
+    )
 
 
 def _parse_flag(value: str, default):
@@ -210,9 +286,9 @@ def test_tiny_folder_run_then_plots(tmp_path, digits_root):
         steps_per_loop=2,
         train_batch_size=32,
         model_dir=str(tmp_path / "run"),
-        keep_hub_module_max=0,
+        keep_hub_module_max=-1,
     )
-    config = config_lib.validate(config_lib.from_flat(flat))
+    config = config_lib.from_flat(flat)
     results = experiment.run(config)
     assert 0.0 <= results["eval/knn_top_1_accuracy"] <= 1.0
     paths = plot_run.plot_runs(

@@ -569,3 +569,92 @@ def test_synchronized_batch_norm_over_two_replicas_is_not_fused():
     per_replica = strategy.run(decisions)
     for value in strategy.experimental_local_results(per_replica):
         assert value.numpy().tolist() == [False, True]
+
+
+def test_set_fused_training_switches_every_batch_norm_of_a_model():
+    # The benchmark's fused_bn=off: Keras's own batch norm, the same
+    # function (batch statistics in training) without the fused op.
+    model = resnet.ResNet(depth=18, cifar_stem=True, base_width=8)
+    x = tf.random.stateless_uniform((4, 8, 8, 3), [7, 8])
+    model(x, training=False)
+    count = len(
+        [
+            layer
+            for layer in model._flatten_layers()
+            if isinstance(layer, layers.BatchNorm)
+        ]
+    )
+    assert count == 21  # Stem 1, 8 blocks x 2, 4 projection shortcuts.
+
+    def traced_ops():
+        fn = tf.function(lambda x: model(x, training=True)["final_avg_pool"])
+        graph = fn.get_concrete_function(x).graph
+        return {op.type for op in graph.get_operations()}
+
+    weights = [w.numpy() for w in model.weights]
+    fused = model(x, training=True)["final_avg_pool"]
+    assert "FusedBatchNormV3" in traced_ops()
+    assert layers.set_fused_training(model, False) == count
+    assert "FusedBatchNormV3" not in traced_ops()
+    for w, value in zip(model.weights, weights, strict=True):
+        w.assign(value)  # Undo the moving-statistics updates.
+    unfused = model(x, training=True)["final_avg_pool"]
+    np.testing.assert_allclose(unfused, fused, rtol=1e-4, atol=1e-5)
+    assert layers.set_fused_training(model, True) == count
+    assert "FusedBatchNormV3" in traced_ops()
+
+
+@pytest.mark.parametrize(
+    "shape", [(6, 3, 3, 4), (6, 4)], ids=["fused_nhwc", "keras_2d"]
+)
+def test_unsynchronized_bn_saves_the_mean_over_replicas(shape, tmp_path):
+    # global_bn=False on 2 replicas with different data: each replica
+    # normalises with its own batch statistics, and what is kept (every
+    # replica's copy, hence the checkpoint) is the mean over replicas of
+    # the per-replica moving statistics — the reference's ON_READ / MEAN.
+    strategy = two_replica_strategy()
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(2, *shape)).astype(np.float32)
+    data[1] = data[1] * 3.0 + 2.0  # Replica 1 sees other statistics.
+    with strategy.scope():
+        layer = layers.batch_norm(0.9, global_bn=False)
+        layer.build(shape)
+    momentum, steps = 0.9, 2
+
+    @tf.function
+    def train_step():
+        def replica():
+            context = tf.distribute.get_replica_context()
+            x = tf.gather(tf.constant(data), context.replica_id_in_sync_group)
+            return layer(x, training=True)
+
+        return strategy.run(replica)
+
+    for _ in range(steps):
+        outputs = strategy.experimental_local_results(train_step())
+
+    axes = tuple(range(len(shape) - 1))
+    means = data.mean(axis=tuple(a + 1 for a in axes))  # (replicas, C)
+    variances = data.var(axis=tuple(a + 1 for a in axes))
+    # Per replica: EMA of its own statistics from (0, 1) over `steps`.
+    kept = momentum**steps
+    replica_mean = (1.0 - kept) * means
+    replica_var = kept + (1.0 - kept) * variances
+    for r, y in enumerate(outputs):
+        expected = (data[r] - means[r]) / np.sqrt(variances[r] + 1e-5)
+        np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+    for copy in layer.moving_mean.value.values:
+        np.testing.assert_allclose(copy, replica_mean.mean(0), rtol=1e-5)
+    for copy in layer.moving_variance.value.values:
+        np.testing.assert_allclose(copy, replica_var.mean(0), rtol=1e-5)
+    path = tf.train.Checkpoint(layer=layer).write(str(tmp_path / "ckpt"))
+    reader = tf.train.load_checkpoint(path)
+    saved = {
+        name: reader.get_tensor(name)
+        for name, _ in tf.train.list_variables(path)
+        if "moving_" in name
+    }
+    assert len(saved) == 2
+    for name, value in saved.items():
+        expected = replica_mean if "moving_mean" in name else replica_var
+        np.testing.assert_allclose(value, expected.mean(0), rtol=1e-5)

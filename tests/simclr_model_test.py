@@ -300,3 +300,25 @@ def test_synchronized_bn_two_replicas_equal_one_replica_on_whole_batch():
     ):
         for value in strategy.experimental_local_results(mirrored.value):
             np.testing.assert_allclose(value, single.numpy(), atol=1e-5)
+
+
+def test_weight_groups_are_collected_once_and_stay_out_of_checkpoints(
+    tmp_path,
+):
+    model = make_model()
+    groups = model.weight_groups
+    assert model.weight_groups is groups
+    head = model.supervised_head
+    assert list(groups.supervised_head) == [head.dense.kernel, head.dense.bias]
+    # The cached groups add no object to the checkpoint: same variables as
+    # a model that never collected them.
+    fresh = make_model()
+    a = tf.train.Checkpoint(model=model).save(str(tmp_path / "a"))
+    b = tf.train.Checkpoint(model=fresh).save(str(tmp_path / "b"))
+    assert tf.train.list_variables(a) == tf.train.list_variables(b)
+    unbuilt = simclr_model.SimCLRModel(
+        resnet.ResNet(18, 1, cifar_stem=True),
+        heads.ProjectionHead("linear", 16, 1),
+    )
+    with pytest.raises(ValueError, match="unbuilt SimCLRModel"):
+        _ = unbuilt.weight_groups

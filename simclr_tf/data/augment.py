@@ -488,25 +488,28 @@ def preprocess_for_eval(
     return tf.ensure_shape(image, [height, width, 3])
 
 
-def preprocess_image(
+def views_on_channels(
+    view: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
     image,
-    *,
-    height: int,
-    width: int,
-    is_training: bool,
-    seed=None,
-    **train_kwargs,
+    seed,
+    num_views: int,
 ) -> tf.Tensor:
-    """`preprocess_for_train(..., **train_kwargs)` or `preprocess_for_eval`.
+    """`num_views` independent views of `image` concatenated on channels.
+
+    View i is `view(image, seeds[i])`, `seeds = split_seed(seed, num_views)`:
+    the one place a multi-view input (SimCLR's two views) is assembled.
+
+    Args:
+      view: (image, shape-(2,) seed) -> (height, width, 3) view.
+      image: the input image.
+      seed: shape-(2,) stateless seed.
+      num_views: number of views.
 
     Returns:
-      (height, width, 3) float32 in [0, 1].
+      (height, width, 3 * num_views), views in seed order.
     """
-    if is_training:
-        return preprocess_for_train(
-            image, height=height, width=width, seed=seed, **train_kwargs
-        )
-    return preprocess_for_eval(image, height=height, width=width)
+    views = [view(image, s) for s in split_seed(seed, num_views)]
+    return tf.concat(views, axis=-1)
 
 
 def pretrain_views(
@@ -527,11 +530,13 @@ def pretrain_views(
     """
     if seed is None:
         seed = random_seed()
-    views = [
-        preprocess_for_train(image, height=height, width=width, seed=s, **kw)
-        for s in split_seed(seed, num_views)
-    ]
-    return tf.concat(views, axis=-1)
+
+    def view(image, seed):
+        return preprocess_for_train(
+            image, height=height, width=width, seed=seed, **kw
+        )
+
+    return views_on_channels(view, image, seed, num_views)
 
 
 def augmentation_grid(

@@ -1,15 +1,26 @@
-"""Image folders as datasets: `--dataset=folder:/path` (SPEC.md §2).
+"""Image folders as a data source: `--dataset=folder:/path` (SPEC.md §2).
 
-Scans a folder once per process (`scan`): split subfolders or a held-out
-fraction, class subfolders as labels (or unlabeled images), unreadable
-files dropped with one warning. `simclr_tf.data.input_pipeline` reads the
-files a split lists (`split_examples`) and decodes them (`decode`).
+Images: JPEG, PNG, BMP, GIF (first frame); any size; grayscale and RGBA
+become RGB. Layout:
+
+* split subfolders, used when `/path/<train_split>/` exists: each
+  subfolder of `/path` is a split named after it (`train/`, `val/`, ...);
+* otherwise `/path` itself is the `train_split`, and `holdout_fraction` of
+  it (per class, chosen deterministically) is held out as `eval_split`.
+
+Inside a split, class subfolders (any depth below them) give labelled
+data, labels = indices of the sorted class names of the train split; a
+split with images and no class subfolders is unlabeled (pretraining only).
+
+`FolderSource` scans the folder once, when it is opened: lists, labels and
+splits the files, decodes each once to drop unreadable ones (reported in
+one warning), warns about classes missing from the eval split, and logs
+one summary line (`describe`): classes, images per split, files skipped.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 
 import numpy as np
@@ -17,27 +28,13 @@ import tensorflow as tf
 from absl import logging
 
 from simclr_tf import config as config_lib
+from simclr_tf.data import sources
+from simclr_tf.data.sources import NO_LABEL, DatasetError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 # Held-out examples are chosen with this fixed seed, independent of --seed,
 # so that every run of one folder evaluates on the same images.
 HOLDOUT_SEED = 0
-# Unlabeled examples carry this label.
-NO_LABEL = -1
-AUTOTUNE = tf.data.AUTOTUNE
-
-
-class DatasetError(config_lib.ConfigError):
-    """A dataset that cannot be read as configured (the message says why)."""
-
-
-def is_folder(data: config_lib.DataConfig) -> bool:
-    """Whether `data.dataset` names an image folder (`folder:/path`)."""
-    return data.dataset.startswith(config_lib.FOLDER_PREFIX)
-
-
-def _folder_root(data: config_lib.DataConfig) -> str:
-    return data.dataset[len(config_lib.FOLDER_PREFIX) :]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,13 +136,6 @@ def _holdout(
     return sorted(kept), sorted(held)
 
 
-def decode(encoded: tf.Tensor) -> tf.Tensor:
-    """Encoded JPEG/PNG/BMP/GIF bytes -> (H, W, 3) uint8 (GIF: 1st frame)."""
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-    image.set_shape([None, None, 3])
-    return image
-
-
 def _readable(paths: list[str]) -> np.ndarray:
     """A boolean mask of the files that read and decode without error."""
     ok = np.zeros(len(paths), bool)
@@ -155,20 +145,19 @@ def _readable(paths: list[str]) -> np.ndarray:
         logging.info("Checking that %d image files decode.", len(paths))
 
     def check(i, path):
-        return i, tf.shape(decode(tf.io.read_file(path)))
+        return i, tf.shape(sources.decode_image(tf.io.read_file(path)))
 
     ds = tf.data.Dataset.from_tensor_slices(paths).enumerate()
-    ds = ds.map(check, num_parallel_calls=AUTOTUNE).ignore_errors()
+    ds = ds.map(check, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
     for index, _ in ds.batch(4096).as_numpy_iterator():
         ok[index] = True
     return ok
 
 
-@functools.lru_cache(maxsize=8)
-def _scan_folder(
+def scan_folder(
     root: str, train_split: str, eval_split: str, holdout_fraction: float
 ) -> Folder:
-    """Lists, labels, splits and checks an image folder (once per process).
+    """Lists, labels, splits and checks an image folder.
 
     Raises:
       DatasetError: not a directory, no images, or inconsistent classes.
@@ -244,42 +233,100 @@ def _check_folder(root, split_dirs, classes, raw, eval_split) -> Folder:
     return Folder(root, split_dirs, classes, splits, len(bad))
 
 
-def scan(data: config_lib.DataConfig) -> Folder:
-    """The scanned folder of `data` (cached per process; see the module
-    docstring of `input_pipeline` for the layout rules).
+def describe(folder: Folder) -> str:
+    """One line saying what a scan found: classes, images per split,
+    skipped files (logged when a folder is opened)."""
+    classes = folder.class_names
+    if classes is None:
+        kinds = "unlabelled (no class subfolders: pretraining only)"
+    else:
+        shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+        kinds = f"{len(classes)} classes ({shown})"
+    sizes = ", ".join(
+        f"{name} {len(paths):,}" for name, (paths, _) in folder.splits.items()
+    )
+    layout = "split subfolders" if folder.has_split_dirs else "one folder"
+    return (
+        f"Image folder {folder.root}: {kinds}; images per split ({layout}): "
+        f"{sizes}; files skipped (do not decode): {folder.num_skipped}."
+    )
+
+
+class FolderSource(sources.Source):
+    """An image folder, scanned once when opened (see the module docstring).
+
+    Args:
+      data: the data config (`dataset` = `folder:/path`, the train and eval
+        splits, `holdout_fraction`).
 
     Raises:
       DatasetError: not a directory, no images, or inconsistent classes.
     """
-    return _scan_folder(
-        _folder_root(data),
-        data.train_split,
-        data.eval_split,
-        data.holdout_fraction,
-    )
 
-
-def split_examples(folder: Folder, split: str, data) -> tuple:
-    """(paths, labels) of one split of a scanned folder.
-
-    Raises:
-      DatasetError: the folder has no such split (the message says how to
-        make one).
-    """
-    if split not in folder.splits:
-        if folder.has_split_dirs:
-            hint = (
-                f"use one of {sorted(folder.splits)}, or add a {split}/ "
-                f"subfolder of images to {folder.root}"
-            )
-        else:
-            hint = (
-                f"set --holdout_fraction (e.g. 0.1) to hold out part of "
-                f"{folder.root} as {split!r}, or use split subfolders "
-                f"({data.train_split}/, {split}/)"
-            )
-        raise DatasetError(
-            f"Received: split={split!r}, which {data.dataset!r} does not "
-            f"have: {hint}."
+    def __init__(self, data: config_lib.DataConfig):
+        self.name = data.dataset
+        self._train_split = data.train_split
+        self.folder = scan_folder(
+            data.dataset[len(config_lib.FOLDER_PREFIX) :],
+            data.train_split,
+            data.eval_split,
+            data.holdout_fraction,
         )
-    return folder.splits[split]
+        logging.info("%s", describe(self.folder))
+        classes = self.folder.class_names
+
+        def count(split):
+            return len(self.examples(split)[0])
+
+        self.info = sources.DatasetInfo(
+            num_train_examples=count(data.train_split),
+            num_eval_examples=sources.eval_split_size(count, data.eval_split),
+            num_classes=len(classes) if classes else None,
+            class_names=classes,
+            num_skipped_files=self.folder.num_skipped,
+        )
+
+    def examples(self, split: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
+        """(paths, labels) of one split.
+
+        Raises:
+          DatasetError: the folder has no such split (the message says how
+            to make one).
+        """
+        folder = self.folder
+        if split not in folder.splits:
+            if folder.has_split_dirs:
+                hint = (
+                    f"use one of {sorted(folder.splits)}, or add a {split}/ "
+                    f"subfolder of images to {folder.root}"
+                )
+            else:
+                hint = (
+                    f"set --holdout_fraction (e.g. 0.1) to hold out part of "
+                    f"{folder.root} as {split!r}, or use split subfolders "
+                    f"({self._train_split}/, {split}/)"
+                )
+            raise DatasetError(
+                f"Received: split={split!r}, which {self.name!r} does not "
+                f"have: {hint}."
+            )
+        return folder.splits[split]
+
+    def records(
+        self, split, *, input_context=None, shuffle_files=False, shuffle_seed=0
+    ):
+        """(file path, int64 label) of one split; see `Source.records`."""
+        del shuffle_files, shuffle_seed  # The file list is the order.
+        paths, labels = self.examples(split)
+        ds = tf.data.Dataset.from_tensor_slices(
+            (list(paths), np.asarray(labels, np.int64))
+        )
+        if input_context is None:
+            return ds
+        return ds.shard(
+            input_context.num_input_pipelines, input_context.input_pipeline_id
+        )
+
+    def decode(self, record):
+        """A file path -> its (H, W, 3) uint8 image."""
+        return sources.decode_image(tf.io.read_file(record))

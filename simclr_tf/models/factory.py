@@ -1,11 +1,28 @@
-"""The one place that turns a run config into the SimCLR network."""
+"""The one place that turns a run config into the SimCLR network and the
+objective it trains with."""
 
 from __future__ import annotations
 
+import keras
+
 from simclr_tf import config as config_lib
+from simclr_tf import objective, optim
 from simclr_tf.models import heads, resnet, simclr_model
 
 PRETRAIN_VIEWS = 2
+
+# The config fields that shape the network's variables: a checkpoint fits
+# a run only where they agree; exports record them.
+ARCHITECTURE_FIELDS = (
+    "resnet_depth",
+    "width_multiplier",
+    "resnet_base_width",
+    "sk_ratio",
+    "se_ratio",
+    "proj_head_mode",
+    "proj_out_dim",
+    "num_proj_layers",
+)
 
 
 def has_supervised_head(
@@ -13,43 +30,53 @@ def has_supervised_head(
 ) -> bool:
     """Whether the model gets a linear classifier (SPEC.md §4).
 
-    Fine-tuning always has one; pretraining when
-    `lineareval_while_pretraining`; never without labels (num_classes None).
+    Fine-tuning and distillation always have one (the student's has the
+    teacher's classes); pretraining when `lineareval_while_pretraining`;
+    never without classes (num_classes None).
     """
     if num_classes is None:
         return False
     return (
-        config.train.train_mode == "finetune"
+        config.train.train_mode != "pretrain"
         or config.train.lineareval_while_pretraining
     )
 
 
 def build_model(
-    config: config_lib.Config, num_classes: int | None
+    config: config_lib.Config,
+    num_classes: int | None,
+    dtype_policy: str | None = None,
 ) -> simclr_model.SimCLRModel:
     """Builds (creates the variables of) the model a run config describes.
 
-    Layers follow the global Keras dtype policy in force when this is
-    called; the caller sets it (and enters the strategy scope) first.
+    The caller enters the strategy scope first.
 
     Args:
       config: the run config.
-      num_classes: classes of the labelled dataset; None for unlabelled
-        data (no supervised head).
+      num_classes: classes of the labelled dataset (when distilling: of
+        the teacher); None for unlabelled data (no supervised head).
+      dtype_policy: the Keras dtype policy of every layer ("float32",
+        "mixed_bfloat16", "mixed_float16"); None keeps the global policy.
+
+    The supervised head starts at zero when `zero_init_logits_layer` and
+    the weights come from `--checkpoint` (which then does not restore the
+    head); otherwise it gets the reference's RandomNormal(0.01) init.
 
     Returns:
-      A built `SimCLRModel`: 2 views in pretraining, 1 in fine-tuning.
+      A built `SimCLRModel`: 2 views in pretraining, 1 in fine-tuning and
+      distillation.
 
     Raises:
-      ValueError: fine-tuning without labels.
+      ValueError: fine-tuning or distillation without classes.
     """
     m, t = config.model, config.train
     finetune = t.train_mode == "finetune"
-    if finetune and num_classes is None:
+    pretrain = t.train_mode == "pretrain"
+    if not pretrain and num_classes is None:
         raise ValueError(
-            f"Received: train_mode=finetune on dataset {config.data.dataset!r}"
-            ", which has no labels. Fine-tune on a labelled dataset or use "
-            "--train_mode=pretrain."
+            f"Received: train_mode={t.train_mode} on dataset "
+            f"{config.data.dataset!r}, which has no labels. Fine-tune on a "
+            "labelled dataset or use --train_mode=pretrain."
         )
     bn = dict(batch_norm_decay=m.batch_norm_decay, global_bn=m.global_bn)
     encoder = resnet.ResNet(
@@ -77,19 +104,85 @@ def build_model(
     if has_supervised_head(config, num_classes):
         supervised_head = heads.SupervisedHead(
             num_classes,
-            zero_init=finetune and m.zero_init_logits_layer,
+            # As the reference, the zero head replaces the one a
+            # `--checkpoint` would bring; a fresh run keeps the normal init.
+            zero_init=m.zero_init_logits_layer and bool(t.checkpoint),
             name="head_supervised",
         )
-    num_views = 1 if finetune else PRETRAIN_VIEWS
+    num_views = PRETRAIN_VIEWS if pretrain else 1
     model = simclr_model.SimCLRModel(
         encoder,
         projection_head,
         supervised_head,
         ft_proj_selector=m.ft_proj_selector,
         num_views=num_views,
-        stop_gradient_supervised=not finetune,
+        stop_gradient_supervised=pretrain,
         name="simclr",
     )
     size = config.data.image_size
     model.build((None, size, size, simclr_model.IMAGE_CHANNELS * num_views))
+    if dtype_policy is not None:
+        _set_dtype_policy(model, dtype_policy)
     return model
+
+
+def _set_dtype_policy(model: keras.Model, dtype_policy: str) -> None:
+    """Gives every layer `dtype_policy`, leaving the global one alone.
+
+    Keras layers take the global policy when constructed and do not pass
+    their own to the layers they create; setting it on each layer of the
+    built model is the same as building under that global policy (the
+    variables are float32 under every policy used here).
+    """
+    # `_flatten_layers` is what Keras itself uses to walk nested layers.
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        layer.dtype_policy = dtype_policy
+
+
+def build_objective(
+    config: config_lib.Config,
+    model: simclr_model.SimCLRModel,
+    teacher=None,
+    labelled: bool = False,
+):
+    """The objective a run config trains `model` with (built once).
+
+    Pretraining: NT-Xent over the model's views (+ the linear head when
+    the model has one); fine-tuning: the supervised head's cross-entropy;
+    distillation: the teacher's soft labels (+ the labels' cross-entropy
+    when `distill_alpha` < 1).
+
+    Args:
+      config: the run config (loss, optimizer and train mode).
+      model: the built model; its weight groups give the decayed variables.
+      teacher: distillation only: the loaded `teacher.Teacher`.
+      labelled: distillation only: the training data has labels (then
+        the supervised metrics are reported).
+
+    Returns:
+      An objective: `objective(outputs, labels, replica_context)`.
+    """
+    decayed = optim.decayed_variables(
+        config.optim.optimizer, model.weight_groups, model.trainable_variables
+    )
+    weight_decay = config.optim.weight_decay
+    t = config.train
+    if t.train_mode == "finetune":
+        return objective.SupervisedObjective(weight_decay, decayed)
+    if t.train_mode == "distill":
+        return objective.DistillationObjective(
+            teacher,
+            temperature=t.distill_temperature,
+            alpha=t.distill_alpha,
+            labelled=labelled,
+            weight_decay=weight_decay,
+            decayed_variables=decayed,
+        )
+    return objective.ContrastiveObjective(
+        temperature=config.loss.temperature,
+        hidden_norm=config.loss.hidden_norm,
+        num_views=model.num_views,
+        supervised=model.supervised_head is not None,
+        weight_decay=weight_decay,
+        decayed_variables=decayed,
+    )

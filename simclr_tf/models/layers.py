@@ -44,24 +44,108 @@ class BatchNorm(keras.layers.BatchNormalization):
     its gradient (oneDNN on CPU), in the compute dtype. The result is the
     same function: batch mean and biased variance normalise the batch and
     update the moving statistics exactly as the Keras layer does.
-    Everything else (inference, several replicas, masks, renorm, other
-    ranks) is the Keras layer's own path.
+    Everything else (inference, synchronised statistics over several
+    replicas, masks, renorm, other ranks) is the Keras layer's own path,
+    except that synchronised statistics over a single replica are
+    computed locally (`_moments`), and so is everything when
+    `fused_training` is False (`set_fused_training`, for comparisons).
+
+    Moving statistics on several replicas without synchronisation: Keras 3
+    variables are not aggregated, so each replica would update its own
+    copy from its own batch and a checkpoint or export would keep replica
+    0's. Here the new batch statistics are averaged over the replicas (one
+    small all-reduce per layer and step) before the update, so every copy
+    holds the mean of the replicas' moving statistics — what the
+    reference's Keras 2 layer saves, evaluates and exports (ON_READ
+    variables with MEAN aggregation; by linearity of the update the two
+    agree). The batch itself is still normalised by its local statistics.
     """
 
+    # Whether training may take the fused path (read when a step is traced).
+    fused_training = True
+
+    def _local_statistics(self) -> bool:
+        """True when the batch statistics are the local batch's."""
+        if not self.synchronized:
+            return True
+        context = tf.distribute.get_replica_context()
+        return context is None or context.num_replicas_in_sync == 1
+
     def _fused_training(self, inputs, training, mask) -> bool:
+        if not self.fused_training:
+            return False
         if not (training and self.trainable) or mask is not None:
             return False
         if self.renorm or len(inputs.shape) != 4:
             return False
         if self.axis not in (-1, 3) or inputs.shape[-1] is None:
             return False
-        if not self.synchronized:
-            return True
+        return self._local_statistics()
+
+    def _moments(self, inputs, mask):
+        # Keras's synchronised moments all-reduce even over one replica,
+        # through a `tf.custom_gradient` whose gradient function holds
+        # another one: a SavedModel cannot save that nested gradient, and
+        # every load then warns that gradients "will likely fail" (they
+        # do not). Local statistics need no all-reduce at all.
+        if mask is None and self.synchronized and self._local_statistics():
+            return keras.ops.moments(
+                inputs, axes=self._reduction_axes, synchronized=False
+            )
+        return super()._moments(inputs, mask)
+
+    def _replicas_to_average(self, training) -> bool:
+        """True if the moving statistics need averaging over replicas."""
+        if not (training and self.trainable) or self.synchronized:
+            return False
         context = tf.distribute.get_replica_context()
-        return context is None or context.num_replicas_in_sync == 1
+        return context is not None and context.num_replicas_in_sync > 1
+
+    def _update_moving_statistics(self, mean, variance) -> None:
+        """EMA update with the batch statistics, averaged over replicas."""
+        if self._replicas_to_average(training=True):
+            context = tf.distribute.get_replica_context()
+            mean, variance = context.all_reduce(
+                tf.distribute.ReduceOp.MEAN, [mean, variance]
+            )
+        m = self.momentum
+        self.moving_mean.assign(self.moving_mean * m + mean * (1.0 - m))
+        self.moving_variance.assign(
+            self.moving_variance * m + variance * (1.0 - m)
+        )
+
+    def _local_training(self, inputs):
+        """The Keras training path with the replica-averaged update."""
+        x = tf.cast(inputs, tf.float32)  # As Keras: statistics in float32.
+        rank = len(x.shape)
+        axis = self.axis % rank
+        reduction_axes = [i for i in range(rank) if i != axis]
+        mean, variance = tf.nn.moments(x, reduction_axes)
+        shape = [1] * rank
+        shape[axis] = x.shape[axis]
+        y = tf.nn.batch_normalization(
+            x,
+            tf.reshape(mean, shape),
+            tf.reshape(variance, shape),
+            tf.reshape(tf.cast(self.beta, tf.float32), shape)
+            if self.center
+            else None,
+            tf.reshape(tf.cast(self.gamma, tf.float32), shape)
+            if self.scale
+            else None,
+            self.epsilon,
+        )
+        self._update_moving_statistics(mean, variance)
+        return tf.cast(y, self.compute_dtype)
 
     def call(self, inputs, training=None, mask=None):
         if not self._fused_training(inputs, training, mask):
+            if (
+                mask is None
+                and not self.renorm
+                and self._replicas_to_average(training)
+            ):
+                return self._local_training(inputs)
             return super().call(inputs, training=training, mask=mask)
         x = tf.convert_to_tensor(inputs)
         if x.dtype not in (tf.float32, tf.bfloat16, tf.float16):
@@ -85,14 +169,6 @@ class BatchNorm(keras.layers.BatchNormalization):
         )
         return scale, offset
 
-    def _update_moving_statistics(self, mean, variance) -> None:
-        """The Keras layer's moving-average update with batch statistics."""
-        m = self.momentum
-        self.moving_mean.assign(self.moving_mean * m + mean * (1.0 - m))
-        self.moving_variance.assign(
-            self.moving_variance * m + variance * (1.0 - m)
-        )
-
 
 def fused_batch_norm(x, scale, offset, epsilon: float):
     """Training-mode batch norm of NHWC `x` as one fused op.
@@ -107,6 +183,27 @@ def fused_batch_norm(x, scale, offset, epsilon: float):
     )
     n = tf.cast(tf.size(x) // x.shape[-1], tf.float32)
     return y, mean, variance * ((n - 1.0) / tf.maximum(n, 1.0))
+
+
+def set_fused_training(model: keras.layers.Layer, enabled: bool) -> int:
+    """Turns the fused training path of every `BatchNorm` in `model` on or
+    off (off: Keras 3's own batch norm, e.g. to measure what fusing gains).
+
+    Takes effect for steps traced afterwards.
+
+    Args:
+      model: a layer or model; its `BatchNorm` sublayers are switched.
+      enabled: True for the fused path where it applies (the default).
+
+    Returns:
+      The number of `BatchNorm` layers switched.
+    """
+    # Keras 3 has no public recursive layer walk (as in `lars.py`).
+    walk = model._flatten_layers(include_self=True, recursive=True)
+    bns = [layer for layer in walk if isinstance(layer, BatchNorm)]
+    for bn in bns:
+        bn.fused_training = enabled
+    return len(bns)
 
 
 def batch_norm(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable
+
 import keras
 import tensorflow as tf
 
@@ -10,6 +13,88 @@ from simclr_tf.models import resnet as resnet_lib
 from simclr_tf.models.layers import build_once
 
 IMAGE_CHANNELS = 3
+
+# Layers whose `bias` the reference's 'bias' name filter catches.
+_BIAS_LAYERS = (
+    keras.layers.Dense,
+    keras.layers.EinsumDense,
+    keras.layers.Conv1D,
+    keras.layers.Conv2D,
+    keras.layers.Conv3D,
+    keras.layers.DepthwiseConv2D,
+    keras.layers.SeparableConv2D,
+    keras.layers.Conv2DTranspose,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightGroups:
+    """The model's variables the optimizer and the loss treat apart.
+
+    Chosen by object (layer type and membership), never by name; each
+    tuple keeps the model's variable order and holds each variable once.
+
+    Attributes:
+      batch_norm: gamma and beta of every `BatchNormalization` layer.
+      biases: the `bias` of every Dense and convolution layer.
+      supervised_head: every variable of the supervised head (empty
+        without one).
+    """
+
+    batch_norm: tuple
+    biases: tuple
+    supervised_head: tuple
+
+    @property
+    def lars_exclusions(self) -> tuple:
+        """Variables LARS leaves without weight decay and trust ratio.
+
+        The reference excludes, by name, 'batch_normalization', 'bias' and
+        'head_supervised': the batch-norm parameters, every bias and the
+        supervised head, each once.
+        """
+        return _unique(self.batch_norm + self.biases + self.supervised_head)
+
+
+def _unique(variables: Iterable) -> tuple:
+    seen, out = set(), []
+    for v in variables:
+        if id(v) not in seen:
+            seen.add(id(v))
+            out.append(v)
+    return tuple(out)
+
+
+def weight_groups(model: keras.layers.Layer) -> WeightGroups:
+    """Collects the `WeightGroups` of a built model.
+
+    Args:
+      model: a built layer or model; its `supervised_head` attribute (may
+        be None or absent) is the linear classifier.
+
+    Returns:
+      The model's batch-norm parameters, biases and supervised head.
+    """
+    # Keras 3 has no public recursive layer walk; `_flatten_layers` is what
+    # Keras itself uses to collect weights.
+    layers = model._flatten_layers(include_self=True, recursive=True)
+    head = getattr(model, "supervised_head", None)
+    return WeightGroups(
+        batch_norm=_unique(
+            w
+            for layer in layers
+            if isinstance(layer, keras.layers.BatchNormalization)
+            for w in (layer.gamma, layer.beta)
+            if w is not None
+        ),
+        biases=_unique(
+            layer.bias
+            for layer in layers
+            if isinstance(layer, _BIAS_LAYERS)
+            and getattr(layer, "bias", None) is not None
+        ),
+        supervised_head=() if head is None else _unique(head.weights),
+    )
 
 
 @keras.saving.register_keras_serializable(package="simclr_tf")
@@ -71,6 +156,25 @@ class SimCLRModel(keras.Model):
         self.ft_proj_selector = ft_proj_selector
         self.num_views = num_views
         self.stop_gradient_supervised = stop_gradient_supervised
+        self._weight_groups = None
+
+    @property
+    def weight_groups(self) -> WeightGroups:
+        """The batch-norm, bias and supervised-head variables (built model).
+
+        Collected on first use and kept: the optimizer's exclusions and the
+        loss's decayed variables both come from this one walk.
+        """
+        if self._weight_groups is None:
+            if not self.built:
+                raise ValueError(
+                    "Received: an unbuilt SimCLRModel. Build it (call it on "
+                    "a batch or `build(input_shape)`) before asking for its "
+                    "weight groups."
+                )
+            # A plain object, not tracked: checkpoints keep their layout.
+            self._weight_groups = weight_groups(self)
+        return self._weight_groups
 
     @property
     def supervised_head_kernels(self) -> list[keras.Variable]:

@@ -4,6 +4,8 @@ Restore precedence (SPEC.md §7): the latest checkpoint in `model_dir`
 (model, optimizer and step: a resumed run continues to the same total
 steps); otherwise `--checkpoint` (weights only, the optimizer starts fresh;
 with `zero_init_logits_layer` the supervised head is not restored).
+`--checkpoint` may also be a checkpoint or SavedModel of the reference TF2
+code (`simclr_tf.interop`).
 """
 
 from __future__ import annotations
@@ -17,18 +19,8 @@ import tensorflow as tf
 from absl import logging
 
 from simclr_tf import config as config_lib
-
-# Fields that must agree between a run and the checkpoint it starts from.
-ARCHITECTURE_FIELDS = (
-    "resnet_depth",
-    "width_multiplier",
-    "resnet_base_width",
-    "sk_ratio",
-    "se_ratio",
-    "proj_head_mode",
-    "proj_out_dim",
-    "num_proj_layers",
-)
+from simclr_tf import interop
+from simclr_tf.models.factory import ARCHITECTURE_FIELDS
 
 
 class CheckpointError(config_lib.ConfigError):
@@ -58,6 +50,35 @@ def resolve_checkpoint_path(path: str) -> str:
     return path
 
 
+def architecture_differences(
+    theirs: dict, config: config_lib.Config, where: str
+) -> list[str]:
+    """The architecture fields (and the stem) where another run's config
+    differs from `config`.
+
+    Args:
+      theirs: the other run's `config.json` (flag name -> value).
+      config: this run's config.
+      where: how messages name the other run, e.g. "in the checkpoint".
+
+    Returns:
+      One "name=theirs {where} vs ours here" per difference.
+    """
+    ours = config_lib.to_flat(config)
+    diffs = [
+        f"{name}={theirs[name]!r} {where} vs {ours[name]!r} here"
+        for name in ARCHITECTURE_FIELDS
+        if name in theirs and theirs[name] != ours[name]
+    ]
+    size = config.data.image_size
+    their_size = theirs.get("image_size", size)
+    if config_lib.use_cifar_stem(their_size) != config_lib.use_cifar_stem(size):
+        diffs.append(
+            f"image_size={their_size} {where} vs {size} here (a different stem)"
+        )
+    return diffs
+
+
 def check_compatible(config: config_lib.Config, checkpoint_path: str) -> None:
     """Compares the architecture with the source run's `config.json`.
 
@@ -69,24 +90,13 @@ def check_compatible(config: config_lib.Config, checkpoint_path: str) -> None:
         return
     with tf.io.gfile.GFile(source) as f:
         theirs = json.load(f)
-    ours = config_lib.to_flat(config)
-    diffs = [
-        f"{name}={theirs[name]!r} in the checkpoint vs {ours[name]!r} here"
-        for name in ARCHITECTURE_FIELDS
-        if name in theirs and theirs[name] != ours[name]
-    ]
-    if config_lib.use_cifar_stem(
-        theirs.get("image_size", config.data.image_size)
-    ) != config_lib.use_cifar_stem(config.data.image_size):
-        diffs.append(
-            f"image_size={theirs['image_size']} in the checkpoint vs "
-            f"{config.data.image_size} here (a different stem)"
-        )
+    diffs = architecture_differences(theirs, config, "in the checkpoint")
     if diffs:
         raise CheckpointError(
             f"Checkpoint {checkpoint_path} does not fit this model: "
             + "; ".join(diffs)
-            + ". Use the same flags as the run that wrote it."
+            + ". Use the same flags as the run that wrote it, or another "
+            "--checkpoint."
         )
 
 
@@ -105,6 +115,36 @@ def _restore_parts(parts: dict, path: str) -> None:
         ) from e
 
 
+def _detect(path: str) -> interop.Source:
+    try:
+        return interop.detect(path)
+    except interop.SourceError as e:
+        raise CheckpointError(str(e)) from e
+
+
+def check_initial_checkpoint(
+    config: config_lib.Config, num_classes: int | None
+) -> None:
+    """Checks `--checkpoint` against the run before anything is written.
+
+    Args:
+      config: the run config.
+      num_classes: classes of the run's dataset (None: no labels).
+
+    Raises:
+      CheckpointError: a missing, unreadable or incompatible checkpoint,
+        naming each mismatch.
+    """
+    source = _detect(config.train.checkpoint)
+    if source.kind == interop.OURS:
+        check_compatible(config, source.prefix)
+        return
+    try:
+        interop.check_config(config, source, num_classes)
+    except interop.SourceError as e:
+        raise CheckpointError(str(e)) from e
+
+
 def restore_initial_weights(
     model: keras.Model, config: config_lib.Config
 ) -> None:
@@ -113,7 +153,18 @@ def restore_initial_weights(
     Raises:
       CheckpointError: a missing or incompatible checkpoint.
     """
-    path = resolve_checkpoint_path(config.train.checkpoint)
+    source = _detect(config.train.checkpoint)
+    if source.kind != interop.OURS:
+        head = model.supervised_head
+        try:
+            num_classes = head.num_classes if head is not None else None
+            # `restore` reads every tensor before assigning any.
+            interop.check_config(config, source, num_classes, False)
+            interop.restore(model, config, source)
+        except interop.SourceError as e:
+            raise CheckpointError(str(e)) from e
+        return
+    path = source.prefix
     check_compatible(config, path)
     parts = {"encoder": model.encoder, "projection_head": model.projection_head}
     _restore_parts(parts, path)

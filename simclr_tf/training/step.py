@@ -1,116 +1,72 @@
 """The replica training step and the host loop that runs several of them.
 
-One replica step: forward, NT-Xent with cross-replica negatives (pretrain),
-supervised cross-entropy, weight decay, loss / num_replicas (gradients are
-summed across replicas by the optimizer), gradients, update. The loop runs
-`num_steps` replica steps inside one `tf.function` and returns the mean of
-each metric over them, averaged over replicas.
+One replica step: forward, the objective's total loss (NT-Xent with
+cross-replica negatives, supervised cross-entropy, weight decay; see
+`simclr_tf.objective`), loss / num_replicas (gradients are summed across
+replicas by the optimizer), gradients, update. The loop runs `num_steps`
+replica steps inside one `tf.function` and returns the mean of each metric
+over them, averaged over replicas, and the objective's monitors (health
+statistics with an SVD, too costly for every step) of the last step only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import keras
 import tensorflow as tf
 
-from simclr_tf import losses, schedules
-from simclr_tf.config import Config
 from simclr_tf.training import grad_cache
-
-# TensorBoard names of the training metrics (SPEC.md §7), without "train/".
-CONTRASTIVE_METRICS = ("contrast_loss", "contrast_acc", "contrast_entropy")
-SUPERVISED_METRICS = ("supervised_loss", "supervised_acc")
-
-
-def metric_names(config: Config, has_supervised_head: bool) -> list[str]:
-    """The metrics a step returns, in a fixed order."""
-    names = []
-    if config.train.train_mode == "pretrain":
-        names += CONTRASTIVE_METRICS
-    if has_supervised_head:
-        names += SUPERVISED_METRICS
-    return names + ["weight_decay", "total_loss"]
-
-
-def compute_losses(
-    outputs: dict[str, tf.Tensor],
-    labels: tf.Tensor,
-    model: keras.Model,
-    config: Config,
-    replica_context: tf.distribute.ReplicaContext,
-) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
-    """The total loss of one replica and its parts (not yet / replicas).
-
-    Args:
-      outputs: the model's output dict for the local batch.
-      labels: (n, num_classes) one-hot labels of the local batch.
-      model: the SimCLR model (for the weight-decay term).
-      config: the run config.
-      replica_context: the replica context, for cross-replica negatives.
-
-    Returns:
-      (total loss, {metric name: scalar}).
-    """
-    metrics = {}
-    total = tf.constant(0.0)
-    sup_labels = labels
-    if config.train.train_mode == "pretrain":
-        loss, logits_ab, con_labels = losses.nt_xent_loss(
-            outputs["proj_head_output"],
-            temperature=config.loss.temperature,
-            hidden_norm=config.loss.hidden_norm,
-            replica_context=replica_context,
-        )
-        acc, entropy = losses.contrastive_metrics(logits_ab, con_labels)
-        metrics.update(
-            contrast_loss=loss, contrast_acc=acc, contrast_entropy=entropy
-        )
-        total += loss
-        # The linear head sees both views: (2n, classes) labels.
-        sup_labels = tf.concat([labels] * model.num_views, axis=0)
-    if "logits_sup" in outputs:
-        logits = outputs["logits_sup"]
-        sup_loss = losses.supervised_loss(sup_labels, logits)
-        correct = tf.equal(
-            tf.argmax(sup_labels, axis=1), tf.argmax(logits, axis=1)
-        )
-        metrics.update(
-            supervised_loss=sup_loss,
-            supervised_acc=tf.reduce_mean(tf.cast(correct, tf.float32)),
-        )
-        total += sup_loss
-    decay = schedules.weight_decay_loss(model, config.optim)
-    total += decay
-    metrics.update(weight_decay=decay, total_loss=total)
-    return total, metrics
 
 
 def make_replica_step(
     model: keras.Model,
     optimizer: keras.optimizers.Optimizer,
-    config: Config,
+    objective: Callable,
+    grad_cache_chunk_size: int = 0,
 ) -> Callable:
-    """Returns `step(images, labels) -> metrics` for `strategy.run`."""
-    variables = model.trainable_variables
-    chunk = config.train.grad_cache_chunk_size
-    # The outputs the loss reads: the only ones grad caching keeps whole.
-    output_keys = (
-        ["proj_head_output"] if config.train.train_mode == "pretrain" else []
-    )
-    if model.supervised_head is not None:
-        output_keys.append("logits_sup")
+    """Returns `step(images, labels, monitor=False) -> metrics` for
+    `strategy.run`.
 
-    def step(images, labels):
+    The metrics are the objective's `metric_names` and, when it has
+    `monitor_names`, those too: computed on the step's outputs when the
+    boolean `monitor` is true, else 0 (their cost is then skipped).
+
+    Args:
+      model: the built model.
+      optimizer: its optimizer, built on `model.trainable_variables`.
+      objective: `objective(outputs, labels, replica_context) -> (total,
+        metrics)` with `output_keys` and `targets(images)` (extra loss
+        inputs merged into `outputs`; see `simclr_tf.objective`).
+      grad_cache_chunk_size: 0, or the images per forward/backward chunk of
+        gradient caching (batch-norm statistics are then per chunk).
+    """
+    variables = model.trainable_variables
+    chunk = grad_cache_chunk_size
+    # The outputs the loss and the monitors read: the only ones grad
+    # caching keeps whole.
+    output_keys = list(objective.output_keys)
+    monitor_names = list(getattr(objective, "monitor_names", ()))
+
+    def step(images, labels, monitor=False):
         ctx = tf.distribute.get_replica_context()
         replicas = ctx.num_replicas_in_sync
+        # Inputs of the loss that do not come from the model (a teacher's
+        # logits), computed once per local batch outside the tape: grad
+        # caching's chunks then see them whole, as the other outputs.
+        targets = objective.targets(images)
 
         def loss_fn(outputs):
-            return compute_losses(outputs, labels, model, config, ctx)
+            total, metrics = objective({**outputs, **targets}, labels, ctx)
+            if monitor_names:
+                metrics = {
+                    **metrics,
+                    **_monitors(objective, outputs, monitor, monitor_names),
+                }
+            return total, metrics
 
         loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         if chunk:
-            # Batch-norm statistics are then per chunk of `chunk` images.
             (total, metrics), grads = grad_cache.grad_cache_gradients(
                 model,
                 images,
@@ -144,34 +100,56 @@ def make_replica_step(
     return step
 
 
+def _monitors(objective, outputs, monitor, names) -> dict[str, tf.Tensor]:
+    """`objective.monitors(outputs)` when `monitor`, else zeros."""
+    return tf.cond(
+        tf.convert_to_tensor(monitor, tf.bool),
+        lambda: objective.monitors(outputs),
+        lambda: {name: tf.constant(0.0) for name in names},
+    )
+
+
 def make_train_loop(
     strategy: tf.distribute.Strategy,
     replica_step: Callable,
     names: list[str],
     jit_compile: bool = False,
+    monitor_names: Sequence[str] = (),
 ) -> Callable:
-    """Returns `loop(iterator, num_steps) -> {name: mean over the steps}`.
+    """Returns `loop(iterator, num_steps) -> {name: value}`.
 
     The whole loop is one `tf.function`, so the host is visited once per
     `num_steps` steps; with `jit_compile` the replica step is XLA-compiled.
+    Each of `names` is its mean over the steps; each of `monitor_names`
+    (the objective's monitors) is its value at the last step, where the
+    replica step is asked to compute them. Both are averaged over
+    replicas.
     """
     if jit_compile:
         replica_step = tf.function(replica_step, jit_compile=True)
+    monitor_names = list(monitor_names)
+
+    def mean(per_replica, name):
+        return strategy.reduce(
+            tf.distribute.ReduceOp.MEAN, per_replica[name], axis=None
+        )
 
     @tf.function
     def loop(iterator, num_steps):
         sums = {name: tf.constant(0.0) for name in names}
-        for _ in tf.range(num_steps):
+        last = {name: tf.constant(0.0) for name in monitor_names}
+        for i in tf.range(num_steps):
             images, labels = next(iterator)
-            per_replica = strategy.run(replica_step, args=(images, labels))
+            args = (images, labels)
+            if monitor_names:
+                args += (tf.equal(i, num_steps - 1),)
+            per_replica = strategy.run(replica_step, args=args)
             sums = {
-                name: sums[name]
-                + strategy.reduce(
-                    tf.distribute.ReduceOp.MEAN, per_replica[name], axis=None
-                )
-                for name in names
+                name: sums[name] + mean(per_replica, name) for name in names
             }
+            # Overwritten each step: the last step's values remain.
+            last = {name: mean(per_replica, name) for name in monitor_names}
         steps = tf.cast(num_steps, tf.float32)
-        return {name: value / steps for name, value in sums.items()}
+        return {**{k: v / steps for k, v in sums.items()}, **last}
 
     return loop

@@ -1,9 +1,11 @@
-"""The host training loop: restore, loop, summaries, progress, checkpoints.
+"""The host training loop: summaries, progress, checkpoints over a plan.
 
 Each host iteration runs up to `steps_per_loop` steps in one `tf.function`
 call (fewer when a checkpoint or the last step falls sooner), then checks
-the loss is finite, writes TensorBoard scalars, prints one progress line
-and saves a checkpoint when one is due or SIGTERM asked for it.
+the loss is finite, writes TensorBoard scalars (the metrics' means over
+the call and the objective's health monitors of its last step), prints
+one progress line, passes the monitors to the collapse detector and saves
+a checkpoint when one is due or SIGTERM asked for it.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import keras
 import tensorflow as tf
 from absl import logging
 
-from simclr_tf import config as config_lib
-from simclr_tf.data import augment, input_pipeline
+from simclr_tf.data import augment
 from simclr_tf.training import checkpoints
 from simclr_tf.training import step as step_lib
 
@@ -29,16 +32,65 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stopped before saving it."""
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainPlan:
+    """The step arithmetic of a run, computed once by the experiment.
+
+    Attributes:
+      total_steps: the step training stops at (a resumed run too).
+      checkpoint_every: steps between checkpoints.
+      steps_per_loop: replica steps per `tf.function` call of the loop.
+      global_batch_size: images per step over all replicas (for the
+        images/s of the progress line).
+      start_step: the optimizer's step after restoring (0 when fresh).
+      start_batch: the first batch of the input stream to read (the
+        resumed run of a seeded stream skips the consumed ones).
+      jit_compile: XLA-compile the replica step.
+      grad_cache_chunk_size: 0, or the images per gradient-caching chunk.
+    """
+
+    total_steps: int
+    checkpoint_every: int
+    steps_per_loop: int
+    global_batch_size: int
+    start_step: int = 0
+    start_batch: int = 0
+    jit_compile: bool = False
+    grad_cache_chunk_size: int = 0
+
+
 @dataclasses.dataclass
 class TrainContext:
-    """What the loop needs beyond the config."""
+    """The objects the loop runs with, built by the experiment.
+
+    Attributes:
+      strategy: the distribution strategy.
+      model: the built model, restored.
+      optimizer: its optimizer, restored.
+      objective: `objective(outputs, labels, replica_context)` with
+        `output_keys` and `metric_names` (`simclr_tf.objective`).
+      checkpointer: saves model + optimizer into the run's directory.
+      chief: whether this worker writes summaries and logs.
+      writer: the TensorBoard writer (None on non-chief workers).
+      dataset_fn: `dataset_fn(start_batch)`, the distributed training
+        stream from that batch on.
+      preview_fn: returns a batch of training views for the augmentation
+        summary of a fresh run (None: no summary).
+      collapse_detector: called as `update(step, proj_std, rankme)` with
+        each log's monitors (`simclr_tf.health.CollapseDetector`; None:
+        no collapse warning).
+    """
 
     strategy: tf.distribute.Strategy
     model: keras.Model
     optimizer: keras.optimizers.Optimizer
-    info: input_pipeline.DatasetInfo
+    objective: Callable
+    checkpointer: checkpoints.Checkpointer
     chief: bool
     writer: tf.summary.SummaryWriter | None
+    dataset_fn: Callable[[int], Iterable]
+    preview_fn: Callable[[], tf.Tensor] | None = None
+    collapse_detector: Any | None = None
 
 
 def _progress_line(step, total, images_per_s, metrics, eta_s) -> str:
@@ -47,8 +99,14 @@ def _progress_line(step, total, images_per_s, metrics, eta_s) -> str:
     parts.append(f"loss {loss:.4f}")
     if "contrast_acc" in metrics:
         parts.append(f"contrast_acc {metrics['contrast_acc']:.3f}")
+    if "teacher_agreement" in metrics:
+        parts.append(f"teacher_agreement {metrics['teacher_agreement']:.3f}")
     if "supervised_acc" in metrics:
         parts.append(f"supervised_acc {metrics['supervised_acc']:.3f}")
+    if "proj_std" in metrics:
+        parts.append(f"proj_std {metrics['proj_std']:.3f}")
+    if "rankme" in metrics:
+        parts.append(f"rankme {metrics['rankme']:.1f}")
     parts.append(f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta_s))}")
     return "  ".join(parts)
 
@@ -62,20 +120,11 @@ def _write_summaries(ctx: TrainContext, step: int, metrics, lr) -> None:
         tf.summary.scalar("learning_rate", lr)
 
 
-def _write_augmentation_summary(
-    ctx: TrainContext, data: config_lib.DataConfig, pretrain: bool
-) -> None:
-    """Logs what the model sees: a grid of training views of 8 images.
-
-    It reads its own small pipeline: a second iterator over the training
-    dataset would advance its seeded reshuffling and change the stream.
-    """
-    if ctx.writer is None:
+def _write_augmentation_summary(ctx: TrainContext) -> None:
+    """Logs what the model sees: a grid of training views of 8 images."""
+    if ctx.writer is None or ctx.preview_fn is None:
         return
-    dataset = input_pipeline.build_dataset(
-        data, batch_size=8, is_training=True, pretrain=pretrain
-    )
-    images, _ = next(iter(dataset))
+    images = ctx.preview_fn()
     with ctx.writer.as_default(step=0):
         tf.summary.image(
             "train/augmented_views", augment.augmentation_grid(images)
@@ -87,54 +136,42 @@ def _current_lr(optimizer) -> float:
     return float(lr.numpy() if hasattr(lr, "numpy") else lr)
 
 
-def train(config: config_lib.Config, ctx: TrainContext) -> int:
-    """Trains to the total number of steps; returns the final step.
+def train(plan: TrainPlan, ctx: TrainContext) -> int:
+    """Trains from `plan.start_step` to `plan.total_steps`.
+
+    Returns:
+      The final step.
 
     Raises:
       NonFiniteLossError: the loss became NaN or infinite.
       SystemExit: after saving a checkpoint on SIGTERM.
     """
-    tc = config.train
-    total = config_lib.total_train_steps(tc, ctx.info.num_train_examples)
-    every = config_lib.checkpoint_every(tc, ctx.info.num_train_examples)
-    ckpt = checkpoints.Checkpointer(
-        ctx.model,
-        ctx.optimizer,
-        tc.model_dir,
-        tc.keep_checkpoint_max,
-        chief=ctx.chief,
-    )
-    if not ckpt.restore_latest() and tc.checkpoint:
-        checkpoints.restore_initial_weights(ctx.model, config)
-    step = int(ctx.optimizer.iterations.numpy())
+    total, every = plan.total_steps, plan.checkpoint_every
+    step = plan.start_step
     if step >= total:
         logging.info("Training is already finished (step %d/%d).", step, total)
         return step
-
-    pretrain = tc.train_mode == "pretrain"
-    dataset = input_pipeline.build_distributed_dataset(
-        ctx.strategy,
-        config.data,
-        global_batch_size=tc.train_batch_size,
-        is_training=True,
-        pretrain=pretrain,
-        # With a fixed seed, a resumed run replays the same stream.
-        start_batch=step if config.data.seed is not None else 0,
-    )
+    dataset = ctx.dataset_fn(plan.start_batch)
     if step == 0:
-        _write_augmentation_summary(ctx, config.data, pretrain)
+        _write_augmentation_summary(ctx)
     iterator = iter(dataset)
-    names = step_lib.metric_names(config, ctx.model.supervised_head is not None)
     loop = step_lib.make_train_loop(
         ctx.strategy,
-        step_lib.make_replica_step(ctx.model, ctx.optimizer, config),
-        names,
-        jit_compile=config.runtime.jit_compile,
+        step_lib.make_replica_step(
+            ctx.model,
+            ctx.optimizer,
+            ctx.objective,
+            grad_cache_chunk_size=plan.grad_cache_chunk_size,
+        ),
+        list(ctx.objective.metric_names),
+        jit_compile=plan.jit_compile,
+        monitor_names=getattr(ctx.objective, "monitor_names", ()),
     )
+    ckpt = ctx.checkpointer
     watcher = checkpoints.PreemptionWatcher()
     try:
         while step < total:
-            n = min(tc.steps_per_loop, total - step, every - step % every)
+            n = min(plan.steps_per_loop, total - step, every - step % every)
             start = time.perf_counter()
             metrics = loop(iterator, tf.constant(n, tf.int32))
             metrics = {k: float(v) for k, v in metrics.items()}
@@ -152,11 +189,15 @@ def train(config: config_lib.Config, ctx: TrainContext) -> int:
                 _progress_line(
                     step,
                     total,
-                    n * tc.train_batch_size / seconds,
+                    n * plan.global_batch_size / seconds,
                     metrics,
                     (total - step) * seconds / n,
                 )
             )
+            if ctx.collapse_detector is not None:
+                ctx.collapse_detector.update(
+                    step, metrics.get("proj_std"), metrics.get("rankme")
+                )
             if step % every == 0 or step == total or watcher.requested:
                 ckpt.save(step)
             if watcher.requested:
