@@ -93,11 +93,14 @@ def test_resnet_gradients_match_tf_own(depth):
 
 def test_bfloat16_step_matches_tf_own_within_rounding():
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    z = tf.cast(
-        tf.random.stateless_normal((8, 8, 8, 5), seed=(1, 2)), tf.bfloat16
-    )
-    got = _run(z, 1, "matmul", True)
-    want = _run(z, 1, "tf", False)
+    try:
+        z = tf.cast(
+            tf.random.stateless_normal((8, 8, 8, 5), seed=(1, 2)), tf.bfloat16
+        )
+        got = _run(z, 1, "matmul", True)
+        want = _run(z, 1, "tf", False)
+    finally:  # The global policy would leak into later tests.
+        keras.mixed_precision.set_global_policy("float32")
     for a, b in zip(got, want, strict=True):
         a = tf.cast(a, tf.float32).numpy()
         b = tf.cast(b, tf.float32).numpy()
