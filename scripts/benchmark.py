@@ -27,9 +27,12 @@ time are its own) and:
    run but no disk is read. `--input_pipeline=off` feeds one fixed batch of
    that pipeline instead, which leaves only the compute;
 4. reports the time of the first call (one step: tracing + first
-   execution), then, after `--warmup_steps` more, the median images/s over
-   `--steps` timed steps (`--steps_per_loop` steps per call); the peak RSS
-   (`ru_maxrss`) and the 1-minute load average at start and end;
+   execution) and the time from the process launch to the end of that
+   step less the benchmark's own measurements before it (matmul, FLOP
+   count): what a run takes to get going; then, after `--warmup_steps`
+   more, the median images/s over `--steps` timed steps
+   (`--steps_per_loop` steps per call); the peak RSS (`ru_maxrss`) and
+   the 1-minute load average at start and end;
 5. then runs `--profile_steps` more steps under the TF profiler and
    reports the op time per step by op type (`top_ops`): where the compute
    goes. Compare with `pipeline_only` and `*_nopipe` for the input side.
@@ -217,6 +220,8 @@ class Settings:
     profile_steps: int
     matmul_seconds: float
     matmul_n: int
+    conv_backward: str = "auto"
+    recompute_bn_relu: bool = True
 
 
 def benchmark_config(preset: tuple[str, bool, str, str], settings: Settings):
@@ -243,6 +248,8 @@ def benchmark_config(preset: tuple[str, bool, str, str], settings: Settings):
             jit_compile=jit,
             cpu_replicas=settings.replicas,
             steps_per_loop=settings.steps_per_loop,
+            conv_backward=settings.conv_backward,
+            recompute_bn_relu=settings.recompute_bn_relu,
             seed=0,
         )
     )
@@ -318,6 +325,7 @@ def _time_steps(loop, iterator, settings: Settings) -> dict:
     start = time.perf_counter()
     loss_first = float(loop(iterator, tf.constant(1, tf.int32))["total_loss"])
     first_step_s = time.perf_counter() - start
+    first_step_end = time.time()
     per_loop = settings.steps_per_loop
     n = tf.constant(per_loop, tf.int32)
     for _ in range(-(-settings.warmup_steps // per_loop)):
@@ -331,6 +339,7 @@ def _time_steps(loop, iterator, settings: Settings) -> dict:
         )
     return dict(
         first_step_s=first_step_s,
+        first_step_end=first_step_end,
         rates=rates,
         loss_first=loss_first,
         loss_last=loss,
@@ -352,7 +361,10 @@ def _profile_ops(loop, iterator, steps: int) -> list[dict]:
 
 
 def run_worker(
-    name: str, preset: tuple[str, bool, str, str], settings: Settings
+    name: str,
+    preset: tuple[str, bool, str, str],
+    settings: Settings,
+    launch_time: float = 0.0,
 ) -> dict:
     """Measures one configuration in this (fresh) process.
 
@@ -360,6 +372,8 @@ def run_worker(
       name: the configuration's name, echoed in the result.
       preset: (mixed_precision, jit_compile, input_pipeline, fused_bn).
       settings: what every configuration shares.
+      launch_time: `time.time()` when the parent launched this process
+        (0: launch_to_first_step_s is 0).
 
     Returns:
       The measurements as a JSON-able dict.
@@ -372,9 +386,11 @@ def run_worker(
 
     config = benchmark_config(preset, settings)
     strategy = distribute.build_strategy(config.runtime)
+    own_start = time.time()  # The benchmark's own measurements.
     matmul_before = matmul_flops_per_s(
         settings.matmul_n, settings.matmul_seconds
     )
+    own_s = time.time() - own_start
     size = config.data.image_size
     source = random_image_source(settings.num_images, size)
     model, optimizer = experiment.build_model_and_optimizer(
@@ -382,10 +398,12 @@ def run_worker(
     )
     if preset[3] == "off":  # Keras 3's own (unfused) batch norm everywhere.
         layers.set_fused_training(model, False)
+    own_start = time.time()
     forward = count_graph_flops(
         lambda x: model(x, training=False),
         tf.TensorSpec((1, size, size, 3 * model.num_views), tf.float32),
     )
+    own_s += time.time() - own_start
     train_flops = 3 * forward  # Per two-view image: forward + backward.
     dataset = training_dataset(
         config, strategy, source, model.num_views, preset[2] == "on"
@@ -393,6 +411,9 @@ def run_worker(
     iterator = iter(dataset)
     loop = _train_loop(config, strategy, model, optimizer)
     timed = _time_steps(loop, iterator, settings)
+    launch_s = (
+        timed["first_step_end"] - launch_time - own_s if launch_time else 0.0
+    )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
     matmul_after = matmul_flops_per_s(
         settings.matmul_n, settings.matmul_seconds
@@ -416,6 +437,9 @@ def run_worker(
         images_per_s=round(images_per_s, 2),
         images_per_s_samples=[round(r, 2) for r in timed["rates"]],
         first_step_s=round(timed["first_step_s"], 1),
+        launch_to_first_step_s=round(launch_s, 1),
+        conv_backward=settings.conv_backward,
+        recompute_bn_relu=settings.recompute_bn_relu,
         peak_rss_gib=round(peak, 2),
         forward_gflops_per_image=round(forward / 1e9, 3),
         train_gflops_per_image=round(train_flops / 1e9, 3),
@@ -473,6 +497,15 @@ def define_flags() -> None:
         ["on", "off"],
         "custom: off restores Keras 3's unfused batch norm (for comparison).",
     )
+    flags.DEFINE_enum(
+        "conv_backward",
+        "auto",
+        ["auto", "tf", "matmul"],
+        "--conv_backward of the runs (tf: TensorFlow's own conv gradients).",
+    )
+    flags.DEFINE_bool(
+        "recompute_bn_relu", True, "--recompute_bn_relu of the runs."
+    )
     flags.DEFINE_integer("steps", 6, "Timed steps per configuration.")
     flags.DEFINE_integer(
         "warmup_steps", 1, "Untimed steps after the first (traced) one."
@@ -496,6 +529,9 @@ def define_flags() -> None:
     flags.DEFINE_string("json_out", None, "Also write JSON here.")
     flags.DEFINE_string(
         "worker", None, "Internal: run this configuration in this process."
+    )
+    flags.DEFINE_float(
+        "launch_time", 0.0, "Internal: time.time() when the parent launched."
     )
 
 
@@ -574,6 +610,7 @@ def _run_child(name: str) -> dict:
     names = [f.name for f in dataclasses.fields(Settings)] + list(PRESET_FLAGS)
     passed = [f"--{flag}={FLAGS[flag].value}" for flag in names]
     args = [sys.executable, os.path.abspath(__file__), f"--worker={name}"]
+    args.append(f"--launch_time={time.time()!r}")
     env = dict(
         os.environ,
         TF_CPP_MIN_LOG_LEVEL="2",
@@ -595,6 +632,7 @@ TABLE_COLUMNS = (
     ("config", "config", "{}"),
     ("images/s", "images_per_s", "{:.1f}"),
     ("first step s", "first_step_s", "{:.1f}"),
+    ("launch to 1st step s", "launch_to_first_step_s", "{:.1f}"),
     ("peak RSS GiB", "peak_rss_gib", "{:.2f}"),
     ("GFLOPs/image", "train_gflops_per_image", "{:.2f}"),
     ("GFLOP/s", "achieved_gflops_per_s", "{:.0f}"),
@@ -625,7 +663,9 @@ def main(argv: list[str]) -> None:
             result = run_pipeline_worker(_settings())
         else:
             preset = _preset(FLAGS.worker)
-            result = run_worker(FLAGS.worker, preset, _settings())
+            result = run_worker(
+                FLAGS.worker, preset, _settings(), FLAGS.launch_time
+            )
         print(json.dumps(result), flush=True)
         return
     presets = {

@@ -29,6 +29,7 @@ PROJ_HEAD_MODES = ("none", "linear", "nonlinear")
 RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
 COLOR_JITTER_IMPLS = ("v1", "v2")
 MIXED_PRECISIONS = ("auto", "none", "bfloat16", "float16")
+CONV_BACKWARDS = ("auto", "tf", "matmul")
 
 # Prefix of `--dataset` that selects an image folder instead of TFDS.
 FOLDER_PREFIX = "folder:"
@@ -586,6 +587,22 @@ class RuntimeConfig:
         0,
         "Testing: split the CPU into this many logical devices and mirror "
         "over them (0 = off).",
+    )
+    conv_backward: str = _field(
+        "auto",
+        "How the encoder's conv gradients are computed (same values): tf is "
+        "TensorFlow's own conv gradient; auto recomputes strided convs' "
+        "padding in the backward pass and computes kernel gradients on small "
+        "3x3 maps as one matmul per kernel tap (faster there); matmul does so "
+        "everywhere.",
+        CONV_BACKWARDS,
+    )
+    recompute_bn_relu: bool = _field(
+        True,
+        "Keep only the conv output of a conv-BN-ReLU-conv chain for the "
+        "backward pass and recompute BN-ReLU there (less memory, same "
+        "values; needs the fused batch norm: one replica or "
+        "--global_bn=False).",
     )
 
     def __post_init__(self) -> None:

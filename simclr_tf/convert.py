@@ -14,8 +14,8 @@ import os
 
 import tensorflow as tf
 
-from simclr_tf import cli, export, interop, interop_arch
 from simclr_tf import config as config_lib
+from simclr_tf import export, interop, interop_arch
 from simclr_tf import run_info as run_info_lib
 from simclr_tf.models import factory
 
@@ -102,6 +102,11 @@ def convert(
         ),
         output_dir,
     )
+    # Imported here: importing cli defines the run's absl flags, which
+    # would clash with the flags of a script that imports experiment
+    # (scripts/benchmark.py defines --image_size etc. of its own).
+    from simclr_tf import cli
+
     cli.write_flags_file(output_dir, config)  # As run.py writes it.
     # A CheckpointManager save, so that `--checkpoint=<output_dir>` finds it.
     tf.train.CheckpointManager(

@@ -88,6 +88,7 @@ def test_format_table_rows():
         config="bf16",
         images_per_s=88.04,
         first_step_s=12.31,
+        launch_to_first_step_s=19.04,
         peak_rss_gib=2.345,
         train_gflops_per_image=6.73,
         achieved_gflops_per_s=592.4,
@@ -96,9 +97,12 @@ def test_format_table_rows():
         load_avg_1min_start_end=[1.04, 2.5],
     )
     lines = benchmark.format_table([row]).splitlines()
-    assert lines[0].startswith("| config | images/s | first step s |")
+    assert lines[0].startswith(
+        "| config | images/s | first step s | launch to 1st step s |"
+    )
     assert lines[2] == (
-        "| bf16 | 88.0 | 12.3 | 2.35 | 6.73 | 592 | 470 | 126% | 1.0-2.5 |"
+        "| bf16 | 88.0 | 12.3 | 19.0 | 2.35 | 6.73 | 592 | 470 | 126% "
+        "| 1.0-2.5 |"
     )
 
 
@@ -201,6 +205,8 @@ def test_two_step_run_prints_json_and_table(tmp_path):
     assert result["config"] == "float32" and result["batch"] == 4
     assert len(result["images_per_s_samples"]) == 2
     assert result["images_per_s"] > 0 and result["first_step_s"] > 0
+    # Launch to the end of the first step holds the first step.
+    assert result["launch_to_first_step_s"] >= result["first_step_s"]
     # One view at 16x16 is a quarter of the convs at 32x32.
     convs = 2 * 2 * _resnet18_cifar_macs(16)
     assert convs <= result["forward_gflops_per_image"] * 1e9 <= 1.02 * convs

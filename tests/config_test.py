@@ -25,6 +25,7 @@ def _config(**flat):
         ({"resnet_depth": 42}, "resnet_depth=42"),
         ({"color_jitter_impl": "v3"}, "color_jitter_impl='v3'"),
         ({"mixed_precision": "int8"}, "mixed_precision='int8'"),
+        ({"conv_backward": "im2col"}, "conv_backward='im2col'"),
         (
             {"train_mode": "pretrain", "fine_tune_after_block": 2},
             "fine_tune_after_block=2 with train_mode=pretrain",
@@ -247,6 +248,7 @@ def test_every_field_has_a_help_text_and_enums_their_choices():
         "mode": ("train", "eval", "train_then_eval"),
         "train_mode": ("pretrain", "finetune", "distill"),
         "mixed_precision": ("auto", "none", "bfloat16", "float16"),
+        "conv_backward": ("auto", "tf", "matmul"),
     }
     for f in config_lib.fields():
         if "choices" in f.metadata:

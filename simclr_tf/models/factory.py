@@ -88,6 +88,8 @@ def build_model(
         fine_tune_after_block=t.fine_tune_after_block if finetune else -1,
         base_width=m.resnet_base_width,
         zero_init_residual=m.zero_init_residual_bn,
+        conv_backward=config.runtime.conv_backward,
+        recompute_bn_relu=config.runtime.recompute_bn_relu,
         name="resnet",
         **bn,
     )

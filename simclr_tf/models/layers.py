@@ -14,6 +14,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from simclr_tf.models import conv_grad
+
 # SPEC.md §3 / reference `BATCH_NORM_EPSILON`.
 BATCH_NORM_EPSILON = 1e-5
 # Smallest width of the selective-kernel mixing layer (reference `min_dim`).
@@ -148,7 +150,13 @@ class BatchNorm(keras.layers.BatchNormalization):
         x = tf.convert_to_tensor(inputs)
         if x.dtype not in (tf.float32, tf.bfloat16, tf.float16):
             x = tf.cast(x, tf.float32)
-        channels = x.shape[-1]
+        scale, offset = self.scale_and_offset(x.shape[-1])
+        y, mean, variance = fused_batch_norm(x, scale, offset, self.epsilon)
+        self._update_moving_statistics(mean, variance)
+        return tf.cast(y, self.compute_dtype)
+
+    def scale_and_offset(self, channels: int) -> tuple[tf.Tensor, tf.Tensor]:
+        """gamma and beta as float32 (ones / zeros when not learned)."""
         scale = (
             tf.cast(self.gamma, tf.float32)
             if self.scale
@@ -159,15 +167,22 @@ class BatchNorm(keras.layers.BatchNormalization):
             if self.center
             else tf.zeros([channels], tf.float32)
         )
-        # y: x's shape and dtype; mean, variance: (C,) float32, the
-        # variance with Bessel's correction n / (n - 1).
-        y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-            x, scale, offset, epsilon=self.epsilon, is_training=True
-        )
-        n = tf.cast(tf.size(x) // channels, tf.float32)
-        variance = variance * ((n - 1.0) / tf.maximum(n, 1.0))  # Biased.
-        self._update_moving_statistics(mean, variance)
-        return tf.cast(y, self.compute_dtype)
+        return scale, offset
+
+
+def fused_batch_norm(x, scale, offset, epsilon: float):
+    """Training-mode batch norm of NHWC `x` as one fused op.
+
+    Returns:
+      (normalised x in x's dtype, batch mean, biased batch variance); the
+      statistics are (C,) float32.
+    """
+    # variance comes with Bessel's correction n / (n - 1).
+    y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+        x, scale, offset, epsilon=epsilon, is_training=True
+    )
+    n = tf.cast(tf.size(x) // x.shape[-1], tf.float32)
+    return y, mean, variance * ((n - 1.0) / tf.maximum(n, 1.0))
 
 
 def set_fused_training(model: keras.layers.Layer, enabled: bool) -> int:
@@ -261,10 +276,27 @@ class Conv2DFixedPadding(keras.layers.Conv2D):
       filters: output channels.
       kernel_size: square kernel size k.
       strides: stride s.
+      backward: how the gradients are computed (same function): "tf" is
+        TF's own conv gradient; "auto" is `conv_grad.conv2d` (padding
+        recomputed in the backward pass) with the matmul kernel gradient
+        where `conv_grad.use_matmul_weight_grad`; "matmul" uses the
+        matmul kernel gradient everywhere.
       **kwargs: passed to `keras.layers.Conv2D` (`padding` is derived).
     """
 
-    def __init__(self, filters: int, kernel_size, strides=1, **kwargs):
+    def __init__(
+        self,
+        filters: int,
+        kernel_size,
+        strides=1,
+        backward: str = "auto",
+        **kwargs,
+    ):
+        if backward not in conv_grad.BACKWARDS:
+            raise ValueError(
+                f"Received: backward={backward!r}. Use one of "
+                f"{', '.join(conv_grad.BACKWARDS)}."
+            )
         kwargs.pop("padding", None)
         kwargs.setdefault("use_bias", False)
         kwargs.setdefault("kernel_initializer", conv_initializer())
@@ -276,10 +308,37 @@ class Conv2DFixedPadding(keras.layers.Conv2D):
             padding="same" if stride == 1 else "valid",
             **kwargs,
         )
+        self.backward = backward
         pad_total = self.kernel_size[0] - 1 if stride > 1 else 0
         self._pads = (pad_total // 2, pad_total - pad_total // 2)
 
+    def custom_backward(self, input_shape) -> bool | None:
+        """None: TF's own conv; else whether `conv_grad.conv2d` (with
+        this padding, `conv_pads`) takes the matmul kernel gradient."""
+        k = self.kernel_size[0]
+        plain = self.dilation_rate == (1, 1) and self.groups == 1
+        if self.backward == "tf" or self.use_bias or not plain:
+            return None
+        if self.kernel_size[1] != k or None in tuple(input_shape)[1:]:
+            return None
+        return self.backward == "matmul" or conv_grad.use_matmul_weight_grad(
+            k, self.strides[0], input_shape
+        )
+
+    def conv_pads(self) -> tuple[int, int]:
+        """(before, after) zeros this conv adds along H and W."""
+        if self.strides[0] == 1:
+            return conv_grad.same_pads(self.kernel_size[0])
+        return self._pads
+
     def call(self, inputs):
+        matmul = self.custom_backward(inputs.shape)
+        # Unpadded with oneDNN's kernel gradient, conv2d is TF's own conv.
+        if matmul or (matmul is not None and any(self._pads)):
+            kernel = tf.cast(self.kernel, inputs.dtype)
+            return conv_grad.conv2d(
+                inputs, kernel, self.strides[0], self.conv_pads(), matmul
+            )
         if self._pads[1]:
             inputs = tf.pad(inputs, [[0, 0], self._pads, self._pads, [0, 0]])
         return super().call(inputs)
@@ -290,6 +349,9 @@ class Conv2DFixedPadding(keras.layers.Conv2D):
             if padded[axis] is not None:
                 padded[axis] += sum(self._pads)
         return super().compute_output_shape(tuple(padded))
+
+    def get_config(self):
+        return {**super().get_config(), "backward": self.backward}
 
 
 @_register

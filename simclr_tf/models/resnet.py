@@ -26,6 +26,7 @@ from simclr_tf.models.layers import (
     build_once,
     set_layer_attributes,
 )
+from simclr_tf.models.recompute import bn_relu_conv
 
 # depth -> (block type, blocks per group), reference `resnet()`.
 BLOCKS = {
@@ -63,6 +64,10 @@ class _Block(keras.layers.Layer):
       global_bn: synchronised BN.
       zero_init_residual: start the last BN of the residual branch with
         gamma = 0 (reference); False starts it at 1.
+      conv_backward: the convs' gradient formulation
+        (`Conv2DFixedPadding`'s `backward`).
+      recompute_bn_relu: keep only the conv output of conv-BN-ReLU-conv
+        chains for the backward pass (`recompute.bn_relu_conv`).
       **kwargs: base layer arguments.
     """
 
@@ -78,10 +83,14 @@ class _Block(keras.layers.Layer):
         batch_norm_decay: float = 0.9,
         global_bn: bool = True,
         zero_init_residual: bool = True,
+        conv_backward: str = "auto",
+        recompute_bn_relu: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.zero_init_residual = zero_init_residual
+        self.conv_backward = conv_backward
+        self.recompute_bn_relu = recompute_bn_relu
         self.filters = filters
         self.strides = strides
         self.use_projection = use_projection
@@ -99,11 +108,11 @@ class _Block(keras.layers.Layer):
                 self.shortcut_pool = keras.layers.AveragePooling2D(
                     2, strides, padding="same" if strides == 1 else "valid"
                 )
-                self.shortcut_conv = Conv2DFixedPadding(
+                self.shortcut_conv = self._conv(
                     self.out_filters, 1, 1, name="shortcut_conv"
                 )
             else:
-                self.shortcut_conv = Conv2DFixedPadding(
+                self.shortcut_conv = self._conv(
                     self.out_filters, 1, strides, name="shortcut_conv"
                 )
             self.shortcut_bn = self._bn(name="shortcut_bn")
@@ -112,6 +121,11 @@ class _Block(keras.layers.Layer):
             self.se = SqueezeExcitation(
                 self.out_filters, max(1, int(filters * se_ratio)), name="se"
             )
+
+    def _conv(self, filters: int, k: int, strides: int, name: str):
+        return Conv2DFixedPadding(
+            filters, k, strides, backward=self.conv_backward, name=name
+        )
 
     def _bn(self, zero_gamma: bool = False, name: str | None = None):
         return batch_norm(
@@ -159,6 +173,8 @@ class _Block(keras.layers.Layer):
             "batch_norm_decay": self.batch_norm_decay,
             "global_bn": self.global_bn,
             "zero_init_residual": self.zero_init_residual,
+            "conv_backward": self.conv_backward,
+            "recompute_bn_relu": self.recompute_bn_relu,
         }
 
 
@@ -174,9 +190,9 @@ class BasicBlock(_Block):
 
     def __init__(self, filters: int, strides: int = 1, **kwargs):
         super().__init__(filters, strides, **kwargs)
-        self.conv1 = Conv2DFixedPadding(filters, 3, strides, name="conv1")
+        self.conv1 = self._conv(filters, 3, strides, name="conv1")
         self.bn1 = self._bn(name="bn1")
-        self.conv2 = Conv2DFixedPadding(filters, 3, 1, name="conv2")
+        self.conv2 = self._conv(filters, 3, 1, name="conv2")
         self.bn2 = self._bn(zero_gamma=self.zero_init_residual, name="bn2")
 
     def build(self, input_shape):
@@ -188,8 +204,14 @@ class BasicBlock(_Block):
         self._build_shortcut_and_se(input_shape)
 
     def call(self, inputs, training=None):
-        x = tf.nn.relu(self.bn1(self.conv1(inputs), training=training))
-        x = self.bn2(self.conv2(x), training=training)
+        x = bn_relu_conv(
+            self.conv1(inputs),
+            self.bn1,
+            self.conv2,
+            training,
+            self.recompute_bn_relu,
+        )
+        x = self.bn2(x, training=training)
         return self._merge(x, inputs, training)
 
 
@@ -205,7 +227,7 @@ class BottleneckBlock(_Block):
 
     def __init__(self, filters: int, strides: int = 1, **kwargs):
         super().__init__(filters, strides, **kwargs)
-        self.conv1 = Conv2DFixedPadding(filters, 1, 1, name="conv1")
+        self.conv1 = self._conv(filters, 1, 1, name="conv1")
         self.bn1 = self._bn(name="bn1")
         if self.sk_ratio > 0:
             self.sk_conv = SelectiveKernelConv(
@@ -219,9 +241,9 @@ class BottleneckBlock(_Block):
             self.conv2 = self.bn2 = None
         else:
             self.sk_conv = None
-            self.conv2 = Conv2DFixedPadding(filters, 3, strides, name="conv2")
+            self.conv2 = self._conv(filters, 3, strides, name="conv2")
             self.bn2 = self._bn(name="bn2")
-        self.conv3 = Conv2DFixedPadding(self.out_filters, 1, 1, name="conv3")
+        self.conv3 = self._conv(self.out_filters, 1, 1, name="conv3")
         self.bn3 = self._bn(zero_gamma=self.zero_init_residual, name="bn3")
 
     def build(self, input_shape):
@@ -238,12 +260,16 @@ class BottleneckBlock(_Block):
         self._build_shortcut_and_se(input_shape)
 
     def call(self, inputs, training=None):
-        x = tf.nn.relu(self.bn1(self.conv1(inputs), training=training))
+        x = self.conv1(inputs)
         if self.sk_conv is not None:
+            x = tf.nn.relu(self.bn1(x, training=training))
             x = self.sk_conv(x, training=training)
+            x = self.conv3(x)
         else:
-            x = tf.nn.relu(self.bn2(self.conv2(x), training=training))
-        x = self.bn3(self.conv3(x), training=training)
+            recompute = self.recompute_bn_relu
+            x = bn_relu_conv(x, self.bn1, self.conv2, training, recompute)
+            x = bn_relu_conv(x, self.bn2, self.conv3, training, recompute)
+        x = self.bn3(x, training=training)
         return self._merge(x, inputs, training)
 
 
@@ -260,8 +286,8 @@ class BlockGroup(keras.layers.Layer):
       num_blocks: number of blocks.
       strides: stride of the first block.
       **kwargs: `sk_ratio`, `se_ratio`, `batch_norm_decay`, `global_bn`,
-        `zero_init_residual` for the blocks; the rest goes to the base
-        layer.
+        `zero_init_residual`, `conv_backward`, `recompute_bn_relu` for the
+        blocks; the rest goes to the base layer.
     """
 
     def __init__(
@@ -275,6 +301,8 @@ class BlockGroup(keras.layers.Layer):
         batch_norm_decay: float = 0.9,
         global_bn: bool = True,
         zero_init_residual: bool = True,
+        conv_backward: str = "auto",
+        recompute_bn_relu: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -293,6 +321,8 @@ class BlockGroup(keras.layers.Layer):
             batch_norm_decay=batch_norm_decay,
             global_bn=global_bn,
             zero_init_residual=zero_init_residual,
+            conv_backward=conv_backward,
+            recompute_bn_relu=recompute_bn_relu,
         )
         block_cls = _BLOCK_TYPES[block_type]
         self._block_names = set_layer_attributes(
@@ -357,6 +387,7 @@ class Stem(keras.layers.Layer):
       batch_norm_decay: BN momentum.
       global_bn: synchronised BN.
       base_width: b, the stem's output channels at m = 1 (reference 64).
+      conv_backward: `Conv2DFixedPadding`'s `backward`.
       **kwargs: base layer arguments.
     """
 
@@ -368,11 +399,13 @@ class Stem(keras.layers.Layer):
         batch_norm_decay: float = 0.9,
         global_bn: bool = True,
         base_width: int = 64,
+        conv_backward: str = "auto",
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.width_multiplier = width_multiplier
         self.cifar_stem = cifar_stem
+        self.conv_backward = conv_backward
         self.sk_ratio = sk_ratio
         self.batch_norm_decay = batch_norm_decay
         self.global_bn = global_bn
@@ -387,7 +420,9 @@ class Stem(keras.layers.Layer):
         self._conv_names = set_layer_attributes(
             self,
             [
-                Conv2DFixedPadding(f, k, s, name=f"conv{i}")
+                Conv2DFixedPadding(
+                    f, k, s, backward=conv_backward, name=f"conv{i}"
+                )
                 for i, (f, k, s) in enumerate(specs)
             ],
         )
@@ -439,6 +474,7 @@ class Stem(keras.layers.Layer):
             "batch_norm_decay": self.batch_norm_decay,
             "global_bn": self.global_bn,
             "base_width": self.base_width,
+            "conv_backward": self.conv_backward,
         }
 
 
@@ -470,6 +506,10 @@ class ResNet(keras.layers.Layer):
         32 gives a half-width network).
       zero_init_residual: gamma = 0 for the last BN of every residual
         branch (reference); False starts it at 1.
+      conv_backward: how conv gradients are computed (same values;
+        `Conv2DFixedPadding`'s `backward`): "auto", "tf" or "matmul".
+      recompute_bn_relu: blocks keep only the conv output of
+        conv-BN-ReLU-conv chains for the backward pass.
       **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Raises:
@@ -488,6 +528,8 @@ class ResNet(keras.layers.Layer):
         fine_tune_after_block: int = -1,
         base_width: int = 64,
         zero_init_residual: bool = True,
+        conv_backward: str = "auto",
+        recompute_bn_relu: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -511,7 +553,13 @@ class ResNet(keras.layers.Layer):
         self.fine_tune_after_block = fine_tune_after_block
         self.base_width = base_width
         self.zero_init_residual = zero_init_residual
-        bn_kwargs = dict(batch_norm_decay=batch_norm_decay, global_bn=global_bn)
+        self.conv_backward = conv_backward
+        self.recompute_bn_relu = recompute_bn_relu
+        bn_kwargs = dict(
+            batch_norm_decay=batch_norm_decay,
+            global_bn=global_bn,
+            conv_backward=conv_backward,
+        )
         self.stem = Stem(
             width_multiplier,
             cifar_stem,
@@ -530,6 +578,7 @@ class ResNet(keras.layers.Layer):
                 sk_ratio=sk_ratio,
                 se_ratio=se_ratio,
                 zero_init_residual=zero_init_residual,
+                recompute_bn_relu=recompute_bn_relu,
                 name=f"block_group{i + 1}",
                 **bn_kwargs,
             )
@@ -586,4 +635,6 @@ class ResNet(keras.layers.Layer):
             "fine_tune_after_block": self.fine_tune_after_block,
             "base_width": self.base_width,
             "zero_init_residual": self.zero_init_residual,
+            "conv_backward": self.conv_backward,
+            "recompute_bn_relu": self.recompute_bn_relu,
         }

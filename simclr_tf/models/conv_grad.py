@@ -1,0 +1,215 @@
+"""A 2-D convolution whose kernel gradient is computed as matmuls.
+
+oneDNN's bfloat16 kernel-gradient convolution (`Conv2DBackpropFilter`) is
+slow on small feature maps with many channels: on a 2-core AVX512-BF16
+CPU it runs the 4x4x512 convolutions of a CIFAR ResNet's last block
+group at a quarter of the forward convolution's FLOP/s. The same
+gradient is a sum over the k*k kernel taps of one matmul each,
+
+    dW[i, j] = window_ij(x)^T @ dy,  window_ij(x)[n, h, w] =
+               x_padded[n, s*h + i, s*w + j]   (M x C_in and M x C_out,
+                                                M = N * H_out * W_out),
+
+which oneDNN's matmul runs at about twice the speed there. `conv2d` is
+the forward convolution with that kernel gradient (the input gradient is
+TF's own); `Conv2DFixedPadding` uses it where it was measured faster.
+`conv2d` also keeps only the unpadded input of a padded (strided)
+convolution for the backward pass, and recomputes the padding there.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from simclr_tf import config as config_lib
+
+# `Conv2DFixedPadding(backward=...)` values (`--conv_backward`): "tf" is
+# TensorFlow's own conv gradient; "auto" is `conv2d` (padding recomputed
+# in the backward pass) with the matmul kernel gradient where
+# `use_matmul_weight_grad`, oneDNN's elsewhere; "matmul" is `conv2d` with
+# the matmul kernel gradient everywhere.
+BACKWARDS = config_lib.CONV_BACKWARDS
+# `auto` uses the matmul kernel gradient for 3x3 convolutions whose output
+# has at most this many positions per image (a CIFAR ResNet's block groups
+# 3 and 4: 8x8 and 4x4). Measured per conv at batch 512 on a 2-core
+# AVX512-BF16 CPU, oneDNN time / matmul time: bfloat16 4x4 stride 1
+# 2.1-2.3, 8x8 stride 1 1.06-1.08, stride 2 to 4x4 2.4-3.0 and to 8x8
+# 1.3-1.5, but 16x16 stride 1 0.6 and stride 2 to 16x16 0.9; float32
+# 1.15-1.25 on 4x4 and 8x8. 1x1 convolutions stay with oneDNN (0.7).
+AUTO_MAX_OUTPUT_POSITIONS = 64
+
+
+def _tap_source(x_padded: tf.Tensor, stride: int) -> tf.Tensor:
+    """What `_tap` slices: x, or its stride x stride phases."""
+    if stride == 1:
+        return x_padded
+    # Phase-split once, x[s*h + i] = phases[i % s][h + i // s], so that
+    # each tap is a contiguous window (strided slices copy slowly on CPU).
+    _, h, w, c = x_padded.shape
+    extra_h, extra_w = -h % stride, -w % stride
+    if extra_h or extra_w:
+        x_padded = tf.pad(
+            x_padded, [[0, 0], [0, extra_h], [0, extra_w], [0, 0]]
+        )
+    h, w = h + extra_h, w + extra_w
+    phases = tf.reshape(
+        x_padded, [-1, h // stride, stride, w // stride, stride, c]
+    )
+    return tf.transpose(phases, [2, 4, 0, 1, 3, 5])
+
+
+def _tap(source, i: int, j: int, stride: int, out_h: int, out_w: int):
+    """The (N, out_h, out_w, C) input window that kernel tap (i, j) sees."""
+    if stride == 1:
+        return source[:, i : i + out_h, j : j + out_w, :]
+    a, b = i // stride, j // stride
+    tap = source[i % stride, j % stride, :, a : a + out_h]
+    return tap[:, :, b : b + out_w, :]
+
+
+def matmul_weight_grad(
+    x_padded: tf.Tensor, dy: tf.Tensor, k: int, stride: int
+) -> tf.Tensor:
+    """Gradient of a VALID k x k convolution's kernel, as k*k matmuls.
+
+    Inside a `tf.function` the window copies wait for `dy` and for the
+    previous tap's matmul: left free, the executor would make them as soon
+    as `x_padded` exists (all of them, in the forward pass).
+
+    Args:
+      x_padded: (N, H, W, C_in) input, already padded (static shape).
+      dy: (N, H_out, W_out, C_out) gradient of the output (static shape).
+      k: kernel size.
+      stride: stride.
+
+    Returns:
+      (k, k, C_in, C_out) kernel gradient in `dy`'s dtype.
+    """
+    c_in, (_, out_h, out_w, c_out) = x_padded.shape[-1], dy.shape
+    flat_dy = tf.reshape(dy, [-1, c_out])
+    with tf.control_dependencies([dy]):
+        source = _tap_source(x_padded, stride)
+    grads = [flat_dy]
+    for i in range(k):
+        for j in range(k):
+            with tf.control_dependencies(grads[-1:]):
+                tap = _tap(source, i, j, stride, out_h, out_w)
+            tap = tf.reshape(tap, [-1, c_in])
+            grads.append(tf.matmul(tap, flat_dy, transpose_a=True))
+    return tf.reshape(tf.stack(grads[1:]), [k, k, c_in, c_out])
+
+
+def same_pads(k: int) -> tuple[int, int]:
+    """TF's SAME padding (before, after) of a stride-1 k x k conv."""
+    return (k - 1) // 2, k - 1 - (k - 1) // 2
+
+
+def _paddings(pads: tuple[int, int]) -> list[list[int]]:
+    return [[0, 0], list(pads), list(pads), [0, 0]]
+
+
+def conv2d_forward(x, kernel, stride: int, pads: tuple[int, int]):
+    """The padded convolution with TF's (oneDNN's) own ops.
+
+    Explicit padding lists leave oneDNN for a slow bfloat16 path, so the
+    input is padded with `tf.pad` and convolved VALID (SAME at stride 1
+    when the pads are SAME's).
+    """
+    k = kernel.shape[0]
+    if stride == 1 and tuple(pads) == same_pads(k):
+        return tf.nn.conv2d(x, kernel, 1, "SAME")
+    if any(pads):
+        x = tf.pad(x, _paddings(pads))
+    return tf.nn.conv2d(x, kernel, stride, "VALID")
+
+
+def conv2d_backward(x, kernel, dy, stride: int, pads, matmul: bool):
+    """(input gradient, kernel gradient) of `conv2d_forward`.
+
+    The padded input is recomputed here, not kept from the forward pass.
+    The kernel gradient is `matmul_weight_grad` or oneDNN's
+    `Conv2DBackpropFilter` (`matmul` False).
+    """
+    k = kernel.shape[0]
+    strides = [1, stride, stride, 1]
+    with tf.control_dependencies([dy]):  # Not in the forward pass.
+        x_padded = tf.pad(x, _paddings(pads)) if any(pads) else x
+    if stride == 1 and tuple(pads) == same_pads(k):
+        dx = tf.raw_ops.Conv2DBackpropInput(
+            input_sizes=tf.shape(x),
+            filter=kernel,
+            out_backprop=dy,
+            strides=strides,
+            padding="SAME",
+        )
+    else:
+        dx = tf.raw_ops.Conv2DBackpropInput(
+            input_sizes=tf.shape(x_padded),
+            filter=kernel,
+            out_backprop=dy,
+            strides=strides,
+            padding="VALID",
+        )
+        height, width = x.shape[1], x.shape[2]
+        dx = dx[:, pads[0] : pads[0] + height, pads[0] : pads[0] + width]
+    if matmul:
+        return dx, matmul_weight_grad(x_padded, dy, k, stride)
+    dk = tf.raw_ops.Conv2DBackpropFilter(
+        input=x_padded,
+        filter_sizes=tf.shape(kernel),
+        out_backprop=dy,
+        strides=strides,
+        padding="VALID",
+    )
+    return dx, dk
+
+
+def conv2d(
+    x: tf.Tensor,
+    kernel: tf.Tensor,
+    stride: int,
+    pads: tuple[int, int],
+    matmul: bool = True,
+) -> tf.Tensor:
+    """A padded convolution that keeps only its unpadded input.
+
+    Args:
+      x: (N, H, W, C_in) input with static H, W, C_in.
+      kernel: (k, k, C_in, C_out), x's dtype.
+      stride: stride along H and W.
+      pads: zeros (before, after) added along H and along W.
+      matmul: kernel gradient by `matmul_weight_grad` (else oneDNN's).
+
+    Returns:
+      `tf.nn.conv2d` of the padded input, VALID; its gradients are
+      `conv2d_backward`'s (TF's `Conv2DBackpropInput`, the chosen kernel
+      gradient), with the padding recomputed in the backward pass.
+    """
+
+    @tf.custom_gradient
+    def conv(x, kernel):
+        def grad(dy):
+            return conv2d_backward(x, kernel, dy, stride, pads, matmul)
+
+        return conv2d_forward(x, kernel, stride, pads), grad
+
+    return conv(x, kernel)
+
+
+def use_matmul_weight_grad(kernel_size: int, stride: int, input_shape) -> bool:
+    """Whether `--conv_backward=auto` takes the matmul kernel gradient.
+
+    Args:
+      kernel_size: k of the square kernel.
+      stride: the conv's stride.
+      input_shape: the unpadded NHWC input shape (H, W may be None).
+
+    Returns:
+      True where it was measured faster: 3x3 with at most
+      `AUTO_MAX_OUTPUT_POSITIONS` output positions per image.
+    """
+    height, width = tuple(input_shape)[1:3]
+    if height is None or width is None:
+        return False
+    out_positions = -(-height // stride) * -(-width // stride)
+    return kernel_size == 3 and out_positions <= AUTO_MAX_OUTPUT_POSITIONS
