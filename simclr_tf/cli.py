@@ -11,7 +11,6 @@ unchanged; `use_tpu` defaults to False here.
 from __future__ import annotations
 
 import dataclasses
-import os
 import types
 import typing
 
@@ -98,41 +97,14 @@ def config_from_flags() -> config_lib.Config:
     )
 
 
-def _flag_line(name: str, value: typing.Any) -> str:
-    """`--name=value` as absl serializes it; "" for None (the default)."""
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return f"--{name}" if value else f"--no{name}"
-    return f"--{name}={value}"
-
-
 def flags_file_text(config: config_lib.Config | None = None) -> str:
-    """A config as flags, one `--name=value` per line, replayable with
-    `--flagfile`.
-
-    Args:
-      config: the config to write; default the parsed flags' config.
-    """
-    if config is None:
-        config = config_from_flags()
-    lines = (
-        _flag_line(name, value)
-        for name, value in config_lib.to_flat(config).items()
-    )
-    # A None value has no line and keeps its flag's default on replay.
-    return "".join(line + "\n" for line in lines if line)
+    """`config_lib.flags_text` of `config` (default: the parsed flags')."""
+    return config_lib.flags_text(config or config_from_flags())
 
 
 def write_flags_file(
     model_dir: str, config: config_lib.Config | None = None
 ) -> None:
-    """Writes `flags_file_text(config)` to `model_dir/flags.cfg`.
-
-    Args:
-      model_dir: the run's directory (created if missing).
-      config: the config to write; default the parsed flags' config.
-    """
-    os.makedirs(model_dir, exist_ok=True)
-    with open(os.path.join(model_dir, "flags.cfg"), "w") as f:
-        f.write(flags_file_text(config))
+    """Writes `model_dir/flags.cfg` (`config_lib.write_flags_file`) for
+    `config`, default the parsed flags' config."""
+    config_lib.write_flags_file(config or config_from_flags(), model_dir)

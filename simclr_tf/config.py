@@ -710,6 +710,32 @@ def write_json(config: Config, model_dir: str) -> str:
     return path
 
 
+def _flag_line(name: str, value: Any) -> str:
+    """`--name=value` as absl serializes it; "" for None (the default)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no{name}"
+    return f"--{name}={value}"
+
+
+def flags_text(config: Config) -> str:
+    """A config as flags, one `--name=value` per line, replayable with
+    `--flagfile` (a None value has no line and keeps its flag's default)."""
+    lines = (_flag_line(name, value) for name, value in to_flat(config).items())
+    return "".join(line + "\n" for line in lines if line)
+
+
+def write_flags_file(config: Config, model_dir: str) -> str:
+    """Writes `flags_text(config)` to `model_dir/flags.cfg`; returns the
+    path. No absl here: scripts with flags of their own can call it."""
+    os.makedirs(model_dir, exist_ok=True)
+    path = os.path.join(model_dir, "flags.cfg")
+    with open(path, "w") as f:
+        f.write(flags_text(config))
+    return path
+
+
 # --------------------------------------------------------------------------
 # Derived values: pure functions of the config, never written back.
 

@@ -102,12 +102,9 @@ def convert(
         ),
         output_dir,
     )
-    # Imported here: importing cli defines the run's absl flags, which
-    # would clash with the flags of a script that imports experiment
-    # (scripts/benchmark.py defines --image_size etc. of its own).
-    from simclr_tf import cli
-
-    cli.write_flags_file(output_dir, config)  # As run.py writes it.
+    # As run.py writes it, without importing cli (whose absl flags would
+    # clash with those of convert_checkpoint.py and benchmark.py).
+    config_lib.write_flags_file(config, output_dir)
     # A CheckpointManager save, so that `--checkpoint=<output_dir>` finds it.
     tf.train.CheckpointManager(
         tf.train.Checkpoint(model=model), output_dir, max_to_keep=1
