@@ -140,6 +140,9 @@ def _digest(image) -> str:
 
 def test_folder_info_holdout_and_skipped_files(class_folder, caplog):
     caplog.set_level(logging.INFO)
+    # absl's logger keeps its own level, which an in-process absl.app run
+    # earlier in the session may have raised.
+    caplog.set_level(logging.INFO, logger="absl")
     data = _data(class_folder, holdout_fraction=0.2, eval_split="val")
     source = sources.open_source(data)
     info = source.info
