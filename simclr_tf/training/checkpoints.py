@@ -27,29 +27,6 @@ class CheckpointError(config_lib.ConfigError):
     """`--checkpoint` is missing or does not fit the model."""
 
 
-def resolve_checkpoint_path(path: str) -> str:
-    """A checkpoint prefix from a prefix or a directory of checkpoints.
-
-    Raises:
-      CheckpointError: nothing restorable at `path`.
-    """
-    if tf.io.gfile.isdir(path):
-        latest = tf.train.latest_checkpoint(path)
-        if latest is None:
-            raise CheckpointError(
-                f"Received: checkpoint={path!r}, a directory with no "
-                "checkpoint in it. Point --checkpoint at a model_dir of a "
-                "finished run or at a ckpt-N prefix."
-            )
-        return latest
-    if not tf.io.gfile.exists(path + ".index"):
-        raise CheckpointError(
-            f"Received: checkpoint={path!r}, which is neither a directory "
-            f"nor a checkpoint prefix (no {path}.index file)."
-        )
-    return path
-
-
 def architecture_differences(
     theirs: dict, config: config_lib.Config, where: str
 ) -> list[str]:
