@@ -14,7 +14,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from simclr_tf import config as config_lib
-from simclr_tf import experiment, objective, optim
+from simclr_tf import experiment, objective
 from simclr_tf import teacher as teacher_lib
 from simclr_tf.data import sources
 from simclr_tf.models import factory
@@ -22,6 +22,7 @@ from simclr_tf.training import checkpoints
 from simclr_tf.training import step as step_lib
 from tests.helpers import (
     SMOKE,
+    build_optimizer,
     run_on_mock_data,
     smoke_config,
     two_replica_strategy,
@@ -164,14 +165,7 @@ def _one_step(
         model = factory.build_model(config, CLASSES)
         model.set_weights(weights)
         teacher = _teacher(teacher_weights)
-        optimizer = optim.build_optimizer(
-            config.optim.optimizer,
-            0.5,
-            momentum=config.optim.momentum,
-            weight_decay=config.optim.weight_decay,
-            lars_exclusions=model.weight_groups.lars_exclusions,
-        )
-        optimizer.build(model.trainable_variables)
+        optimizer = build_optimizer(config, model)
     obj = factory.build_objective(config, model, teacher, labelled=False)
     replica_step = step_lib.make_replica_step(
         model, optimizer, obj, grad_cache_chunk_size=chunk
@@ -259,14 +253,7 @@ def test_teacher_is_frozen_and_not_in_the_student_checkpoint(tmp_path):
     # variables: the teacher adds none to the student's checkpoint.
     with one.scope():
         alone = factory.build_model(config, CLASSES)
-        alone_opt = optim.build_optimizer(
-            config.optim.optimizer,
-            0.5,
-            momentum=config.optim.momentum,
-            weight_decay=config.optim.weight_decay,
-            lars_exclusions=alone.weight_groups.lars_exclusions,
-        )
-        alone_opt.build(alone.trainable_variables)
+        alone_opt = build_optimizer(config, alone)
     alone_path = checkpoints.Checkpointer(
         alone, alone_opt, str(tmp_path / "alone"), 1
     ).save(3)

@@ -6,7 +6,7 @@ import pathlib
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from simclr_tf import cli, experiment
+from simclr_tf import cli, experiment, optim
 from simclr_tf import config as config_lib
 from tests.conftest import NUM_LOGICAL_CPUS
 
@@ -40,3 +40,27 @@ def run_on_mock_data(config: config_lib.Config, num_examples: int = 48):
     """`experiment.run(config)` on TFDS mock data of `num_examples`."""
     with tfds.testing.mock_data(num_examples=num_examples):
         return experiment.run(config)
+
+
+def build_optimizer(config: config_lib.Config, model, learning_rate=0.5):
+    """The run's optimizer kind at a fixed learning rate, built on
+    `model`'s variables (call inside the strategy scope)."""
+    optimizer = optim.build_optimizer(
+        config.optim.optimizer,
+        learning_rate,
+        momentum=config.optim.momentum,
+        weight_decay=config.optim.weight_decay,
+        lars_exclusions=model.weight_groups.lars_exclusions,
+    )
+    optimizer.build(model.trainable_variables)
+    return optimizer
+
+
+def parse_run_py(flagfile, *args) -> config_lib.Config:
+    """The config run.py builds from `--flagfile=flagfile` plus `args`."""
+    cli.FLAGS.unparse_flags()
+    try:
+        cli.FLAGS(["run.py", f"--flagfile={flagfile}", *args])
+        return cli.config_from_flags()
+    finally:
+        cli.FLAGS.unparse_flags()

@@ -20,6 +20,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import plot_run  # noqa: E402
 import quickstart  # noqa: E402
 
+from tests.helpers import parse_run_py  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def digits_root(tmp_path_factory):
@@ -206,15 +208,7 @@ def test_resnet_base_width_is_validated():
 
 def _parse_run_py(*args):
     """The config run.py builds from the quickstart recipe plus `args`."""
-    from simclr_tf import cli
-
-    cli.FLAGS.unparse_flags()
-    try:
-        recipe = f"--flagfile={ROOT / 'flags' / 'quickstart.cfg'}"
-        cli.FLAGS(["run.py", recipe, *args])
-        return cli.config_from_flags()
-    finally:
-        cli.FLAGS.unparse_flags()
+    return parse_run_py(ROOT / "flags" / "quickstart.cfg", *args)
 
 
 def test_stage_configs_equal_the_documented_run_py_commands():

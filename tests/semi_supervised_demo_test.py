@@ -13,18 +13,12 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import semi_supervised_demo as demo  # noqa: E402
 
+from tests.helpers import parse_run_py  # noqa: E402
+
 
 def _parse_run_py(*args):
     """The config run.py builds from the quickstart recipe plus `args`."""
-    from simclr_tf import cli
-
-    cli.FLAGS.unparse_flags()
-    try:
-        recipe = f"--flagfile={ROOT / 'flags' / 'quickstart.cfg'}"
-        cli.FLAGS(["run.py", recipe, *args])
-        return cli.config_from_flags()
-    finally:
-        cli.FLAGS.unparse_flags()
+    return parse_run_py(ROOT / "flags" / "quickstart.cfg", *args)
 
 
 # README "SimCLRv2: semi-supervised and distillation": the demo's run.py

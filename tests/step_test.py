@@ -9,7 +9,7 @@ from simclr_tf import config as config_lib
 from simclr_tf import optim
 from simclr_tf.models import factory
 from simclr_tf.training import step as step_lib
-from tests.helpers import two_replica_strategy
+from tests.helpers import build_optimizer, two_replica_strategy
 
 GLOBAL_BATCH, SIZE, CLASSES = 8, 16, 5
 
@@ -36,14 +36,7 @@ def _one_step(strategy, config, weights, images, labels):
     with strategy.scope():
         model = factory.build_model(config, CLASSES)
         model.set_weights(weights)
-        optimizer = optim.build_optimizer(
-            config.optim.optimizer,
-            0.5,
-            momentum=config.optim.momentum,
-            weight_decay=config.optim.weight_decay,
-            lars_exclusions=model.weight_groups.lars_exclusions,
-        )
-        optimizer.build(model.trainable_variables)
+        optimizer = build_optimizer(config, model)
     objective = factory.build_objective(config, model)
     replica_step = step_lib.make_replica_step(model, optimizer, objective)
     n = strategy.num_replicas_in_sync
