@@ -31,8 +31,11 @@ time are its own) and:
    step less the benchmark's own measurements before it (matmul, FLOP
    count): what a run takes to get going; then, after `--warmup_steps`
    more, the median images/s over `--steps` timed steps
-   (`--steps_per_loop` steps per call); the peak RSS (`ru_maxrss`) and
-   the 1-minute load average at start and end;
+   (`--steps_per_loop` steps per call); the peak RSS of the process
+   from the end of the benchmark's own measurements before training
+   (`peak_rss`: the high-water mark is reset there, so the matmul and
+   the FLOP count, which a run does not do, are not in it) and the
+   1-minute load average at start and end;
 5. then runs `--profile_steps` more steps under the TF profiler and
    reports the op time per step by op type (`top_ops`): where the compute
    goes. Compare with `pipeline_only` and `*_nopipe` for the input side.
@@ -360,6 +363,21 @@ def _profile_ops(loop, iterator, steps: int) -> list[dict]:
         return top_ops(logdir, steps)
 
 
+def _reset_peak_rss() -> None:
+    """Resets the process's peak RSS to its current RSS (Linux 4.0+;
+    elsewhere the peak keeps counting from the process start)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss() -> float:
+    """The process's peak resident set size, in GiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+
+
 def run_worker(
     name: str,
     preset: tuple[str, bool, str, str],
@@ -379,6 +397,9 @@ def run_worker(
       The measurements as a JSON-able dict.
     """
     load_start = os.getloadavg()[0]
+    from simclr_tf import devices
+
+    devices.initialize_devices()  # Imports TensorFlow as run.py does.
     import tensorflow as tf
 
     from simclr_tf import distribute, experiment
@@ -404,6 +425,7 @@ def run_worker(
         tf.TensorSpec((1, size, size, 3 * model.num_views), tf.float32),
     )
     own_s += time.time() - own_start
+    _reset_peak_rss()
     train_flops = 3 * forward  # Per two-view image: forward + backward.
     dataset = training_dataset(
         config, strategy, source, model.num_views, preset[2] == "on"
@@ -414,7 +436,7 @@ def run_worker(
     launch_s = (
         timed["first_step_end"] - launch_time - own_s if launch_time else 0.0
     )
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+    peak = peak_rss()
     matmul_after = matmul_flops_per_s(
         settings.matmul_n, settings.matmul_seconds
     )
@@ -547,8 +569,10 @@ def run_pipeline_worker(settings: Settings) -> dict:
       {"config": "pipeline_only", "images_per_s": over all timed, ...}.
     """
     load_start = os.getloadavg()[0]
-    from simclr_tf import distribute
+    from simclr_tf import devices, distribute
     from simclr_tf.models import factory
+
+    devices.initialize_devices()
 
     config = benchmark_config(PRESETS["float32"], settings)
     strategy = distribute.build_strategy(config.runtime)
@@ -570,7 +594,7 @@ def run_pipeline_worker(settings: Settings) -> dict:
             next(iterator)
         times.append(time.perf_counter() - start)
     rates = [2 * batch / t for t in times]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+    peak = peak_rss()
     return dict(
         config="pipeline_only",
         batch=batch,

@@ -38,6 +38,9 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     # Imported here so that flag errors and --help need no TensorFlow.
+    from simclr_tf import devices
+
+    devices.initialize_devices()
     from simclr_tf import export
 
     try:

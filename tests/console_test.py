@@ -66,6 +66,26 @@ def test_device_probe_prints_no_cuinit_error_without_a_driver():
     assert CUINIT not in result.stderr
 
 
+@pytest.mark.slow
+def test_tensorflow_import_leaves_sklearn_out_until_asked_for():
+    code = (
+        "import sys\n"
+        "from simclr_tf import devices\n"
+        "devices.initialize_devices()\n"
+        "import keras\n"
+        "print('sklearn' in sys.modules)\n"
+        "from sklearn import linear_model\n"
+        "print(linear_model.LogisticRegression().fit("
+        "[[0.0], [1.0]], [0, 1]).predict([[1.0]])[0])\n"
+    )
+    result = _python(code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["False", "1"]
+    # Without the guard TensorFlow's import brings both in.
+    plain = _python("import sys, tensorflow; print('sklearn' in sys.modules)")
+    assert plain.stdout.strip() == "True"
+
+
 def _image_folder(root: Path, classes: int, per_class: int) -> Path:
     for label in range(classes):
         folder = root / "train" / str(label)
