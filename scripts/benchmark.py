@@ -9,15 +9,7 @@ Usage:
 Each configuration runs in a fresh Python process (so peak RSS and tracing
 time are its own) and:
 
-1. measures a dense float32 matmul's FLOP/s (2048 x 2048, best of a few
-   seconds) just before and just after training: the machine is shared, so
-   the achieved FLOP/s is reported as a fraction of this same-process,
-   same-minute figure, never against a number taken at another time;
-2. counts the model's forward FLOPs per two-view image from the graph of a
-   concrete function (TF profiler `float_ops`: Conv2D, MatMul, BiasAdd and
-   elementwise ops, 2 FLOPs per multiply-add); training FLOPs are forward
-   x 3 (the backward pass computes two products per forward product);
-3. builds the model and optimizer with `experiment.build_model_and_optimizer`
+1. builds the model and optimizer with `experiment.build_model_and_optimizer`
    and trains with the engine's own `step.make_replica_step` (the run's
    objective, `factory.build_objective`) and `step.make_train_loop`, on
    synthetic data: random uint8 32x32 images in memory
@@ -26,17 +18,23 @@ time are its own) and:
    views, batch, prefetch), so the augmentation costs what it costs in a
    run but no disk is read. `--input_pipeline=off` feeds one fixed batch of
    that pipeline instead, which leaves only the compute;
-4. reports the time of the first call (one step: tracing + first
+2. reports the time of the first call (one step: tracing + first
    execution) and the time from the process launch to the end of that
-   step less the benchmark's own measurements before it (matmul, FLOP
-   count): what a run takes to get going; then, after `--warmup_steps`
+   step: what a run takes to get going; then, after `--warmup_steps`
    more, the median images/s over `--steps` timed steps
-   (`--steps_per_loop` steps per call); the peak RSS of the process
-   from the end of the benchmark's own measurements before training
-   (`peak_rss`: the high-water mark is reset there, so the matmul and
-   the FLOP count, which a run does not do, are not in it) and the
-   1-minute load average at start and end;
-5. then runs `--profile_steps` more steps under the TF profiler and
+   (`--steps_per_loop` steps per call); the peak RSS (`ru_maxrss`) up to
+   there and the 1-minute load average at start and end;
+3. then, after the run's own work (so that neither is in the launch time
+   nor its buffers in the peak RSS), measures a dense float32 matmul's
+   FLOP/s (2048 x 2048, best of a few seconds): the machine is shared,
+   so the achieved FLOP/s is reported as a fraction of this
+   same-process, same-minute figure, never against a number taken at
+   another time; and counts the model's forward FLOPs per two-view image
+   from the graph of a concrete function (TF profiler `float_ops`:
+   Conv2D, MatMul, BiasAdd and elementwise ops, 2 FLOPs per
+   multiply-add); training FLOPs are forward x 3 (the backward pass
+   computes two products per forward product);
+4. then runs `--profile_steps` more steps under the TF profiler and
    reports the op time per step by op type (`top_ops`): where the compute
    goes. Compare with `pipeline_only` and `*_nopipe` for the input side.
 
@@ -363,16 +361,6 @@ def _profile_ops(loop, iterator, steps: int) -> list[dict]:
         return top_ops(logdir, steps)
 
 
-def _reset_peak_rss() -> None:
-    """Resets the process's peak RSS to its current RSS (Linux 4.0+;
-    elsewhere the peak keeps counting from the process start)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
 def peak_rss() -> float:
     """The process's peak resident set size, in GiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
@@ -407,11 +395,6 @@ def run_worker(
 
     config = benchmark_config(preset, settings)
     strategy = distribute.build_strategy(config.runtime)
-    own_start = time.time()  # The benchmark's own measurements.
-    matmul_before = matmul_flops_per_s(
-        settings.matmul_n, settings.matmul_seconds
-    )
-    own_s = time.time() - own_start
     size = config.data.image_size
     source = random_image_source(settings.num_images, size)
     model, optimizer = experiment.build_model_and_optimizer(
@@ -419,29 +402,23 @@ def run_worker(
     )
     if preset[3] == "off":  # Keras 3's own (unfused) batch norm everywhere.
         layers.set_fused_training(model, False)
-    own_start = time.time()
-    forward = count_graph_flops(
-        lambda x: model(x, training=False),
-        tf.TensorSpec((1, size, size, 3 * model.num_views), tf.float32),
-    )
-    own_s += time.time() - own_start
-    _reset_peak_rss()
-    train_flops = 3 * forward  # Per two-view image: forward + backward.
     dataset = training_dataset(
         config, strategy, source, model.num_views, preset[2] == "on"
     )
     iterator = iter(dataset)
     loop = _train_loop(config, strategy, model, optimizer)
     timed = _time_steps(loop, iterator, settings)
-    launch_s = (
-        timed["first_step_end"] - launch_time - own_s if launch_time else 0.0
-    )
+    launch_s = timed["first_step_end"] - launch_time if launch_time else 0.0
     peak = peak_rss()
-    matmul_after = matmul_flops_per_s(
-        settings.matmul_n, settings.matmul_seconds
+    # The benchmark's own measurements, after the run's (a run does
+    # neither, and their buffers would stay in the peak RSS).
+    matmul = matmul_flops_per_s(settings.matmul_n, settings.matmul_seconds)
+    forward = count_graph_flops(
+        lambda x: model(x, training=False),
+        tf.TensorSpec((1, size, size, 3 * model.num_views), tf.float32),
     )
+    train_flops = 3 * forward  # Per two-view image: forward + backward.
     images_per_s = statistics.median(timed["rates"])
-    matmul = (matmul_before + matmul_after) / 2
     ops = []
     if settings.profile_steps > 0:  # After the timing and the peak RSS.
         ops = _profile_ops(loop, iterator, settings.profile_steps)
@@ -467,10 +444,6 @@ def run_worker(
         train_gflops_per_image=round(train_flops / 1e9, 3),
         achieved_gflops_per_s=round(images_per_s * train_flops / 1e9, 1),
         matmul_gflops_per_s=round(matmul / 1e9, 1),
-        matmul_gflops_per_s_before_after=[
-            round(matmul_before / 1e9, 1),
-            round(matmul_after / 1e9, 1),
-        ],
         fraction_of_matmul=round(images_per_s * train_flops / matmul, 3),
         top_ops=ops,
         loss_first=round(timed["loss_first"], 4),

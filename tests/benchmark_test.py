@@ -221,13 +221,3 @@ def test_two_step_run_prints_json_and_table(tmp_path):
     assert sum(o["share"] for o in ops.values()) == pytest.approx(1, abs=0.01)
     assert all(o["ms_per_step"] >= 0 for o in ops.values())
     assert "Op time per step, float32" in proc.stdout
-
-
-def test_peak_rss_restarts_from_the_current_rss_after_a_reset():
-    if not os.path.exists("/proc/self/clear_refs"):
-        pytest.skip("needs Linux's /proc/self/clear_refs")
-    block = np.ones(64 * 2**20, np.uint8)  # 64 MiB, touched.
-    before = benchmark.peak_rss()
-    del block
-    benchmark._reset_peak_rss()
-    assert benchmark.peak_rss() < before - 32 / 1024

@@ -138,6 +138,10 @@ def test_auto_picks_matmul_only_for_small_3x3_maps():
     assert not pick(3, 2, (None, 32, 32, 64))
     assert not pick(1, 1, (None, 4, 4, 512))
     assert not pick(3, 1, (None, None, None, 512))
+    # float32: oneDNN's SAME gradient wins at stride 1, matmuls strided.
+    assert not pick(3, 1, (None, 4, 4, 512), tf.float32)
+    assert pick(3, 2, (None, 8, 8, 256), tf.float32)
+    assert pick(3, 1, (None, 4, 4, 512), tf.float16)
 
 
 def test_unknown_backward_is_rejected():

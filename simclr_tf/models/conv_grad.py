@@ -31,11 +31,14 @@ from simclr_tf import config as config_lib
 BACKWARDS = config_lib.CONV_BACKWARDS
 # `auto` uses the matmul kernel gradient for 3x3 convolutions whose output
 # has at most this many positions per image (a CIFAR ResNet's block groups
-# 3 and 4: 8x8 and 4x4). Measured per conv at batch 512 on a 2-core
-# AVX512-BF16 CPU, oneDNN time / matmul time: bfloat16 4x4 stride 1
-# 2.1-2.3, 8x8 stride 1 1.06-1.08, stride 2 to 4x4 2.4-3.0 and to 8x8
-# 1.3-1.5, but 16x16 stride 1 0.6 and stride 2 to 16x16 0.9; float32
-# 1.15-1.25 on 4x4 and 8x8. 1x1 convolutions stay with oneDNN (0.7).
+# 3 and 4: 8x8 and 4x4), in bfloat16/float16 and for strided ones in
+# float32. Measured per conv at batch 512 on a 2-core AVX512-BF16 CPU,
+# oneDNN time / matmul time: bfloat16 4x4 stride 1 2.0-2.1 (against
+# oneDNN's SAME-padded gradient), 8x8 stride 1 1.1, stride 2 to 4x4
+# 2.4-3.0 and to 8x8 1.3-1.5, but 16x16 stride 1 0.6 and stride 2 to
+# 16x16 0.9; float32 stride 1: 0.76 at 8x8 and 0.9 at 4x4 (oneDNN's SAME
+# gradient wins), strided 1.15-1.25. 1x1 convolutions stay with oneDNN
+# (0.7).
 AUTO_MAX_OUTPUT_POSITIONS = 64
 
 
@@ -128,13 +131,33 @@ def conv2d_backward(x, kernel, dy, stride: int, pads, matmul: bool):
 
     The padded input is recomputed here, not kept from the forward pass.
     The kernel gradient is `matmul_weight_grad` or oneDNN's
-    `Conv2DBackpropFilter` (`matmul` False).
+    `Conv2DBackpropFilter` (`matmul` False; SAME on the unpadded input
+    at stride 1).
     """
     k = kernel.shape[0]
     strides = [1, stride, stride, 1]
+    same = stride == 1 and tuple(pads) == same_pads(k)
+    if same and not matmul:
+        # oneDNN's SAME kernel gradient: 10-20 % faster than VALID on the
+        # padded input (bfloat16 16x16, float32 everywhere), and no copy.
+        dk = tf.raw_ops.Conv2DBackpropFilter(
+            input=x,
+            filter_sizes=tf.shape(kernel),
+            out_backprop=dy,
+            strides=strides,
+            padding="SAME",
+        )
+        dx = tf.raw_ops.Conv2DBackpropInput(
+            input_sizes=tf.shape(x),
+            filter=kernel,
+            out_backprop=dy,
+            strides=strides,
+            padding="SAME",
+        )
+        return dx, dk
     with tf.control_dependencies([dy]):  # Not in the forward pass.
         x_padded = tf.pad(x, _paddings(pads)) if any(pads) else x
-    if stride == 1 and tuple(pads) == same_pads(k):
+    if same:
         dx = tf.raw_ops.Conv2DBackpropInput(
             input_sizes=tf.shape(x),
             filter=kernel,
@@ -196,20 +219,29 @@ def conv2d(
     return conv(x, kernel)
 
 
-def use_matmul_weight_grad(kernel_size: int, stride: int, input_shape) -> bool:
+def use_matmul_weight_grad(
+    kernel_size: int, stride: int, input_shape, dtype=tf.bfloat16
+) -> bool:
     """Whether `--conv_backward=auto` takes the matmul kernel gradient.
 
     Args:
       kernel_size: k of the square kernel.
       stride: the conv's stride.
       input_shape: the unpadded NHWC input shape (H, W may be None).
+      dtype: the conv's compute dtype.
 
     Returns:
       True where it was measured faster: 3x3 with at most
-      `AUTO_MAX_OUTPUT_POSITIONS` output positions per image.
+      `AUTO_MAX_OUTPUT_POSITIONS` output positions per image, in 16-bit
+      floats or strided.
     """
     height, width = tuple(input_shape)[1:3]
     if height is None or width is None:
         return False
     out_positions = -(-height // stride) * -(-width // stride)
-    return kernel_size == 3 and out_positions <= AUTO_MAX_OUTPUT_POSITIONS
+    wide = tf.as_dtype(dtype).size > 2 and stride == 1
+    return (
+        kernel_size == 3
+        and out_positions <= AUTO_MAX_OUTPUT_POSITIONS
+        and not wide
+    )

@@ -312,9 +312,10 @@ class Conv2DFixedPadding(keras.layers.Conv2D):
         pad_total = self.kernel_size[0] - 1 if stride > 1 else 0
         self._pads = (pad_total // 2, pad_total - pad_total // 2)
 
-    def custom_backward(self, input_shape) -> bool | None:
+    def custom_backward(self, input_shape, dtype) -> bool | None:
         """None: TF's own conv; else whether `conv_grad.conv2d` (with
-        this padding, `conv_pads`) takes the matmul kernel gradient."""
+        this padding, `conv_pads`) takes the matmul kernel gradient for
+        an input of this shape and compute dtype."""
         k = self.kernel_size[0]
         plain = self.dilation_rate == (1, 1) and self.groups == 1
         if self.backward == "tf" or self.use_bias or not plain:
@@ -322,7 +323,7 @@ class Conv2DFixedPadding(keras.layers.Conv2D):
         if self.kernel_size[1] != k or None in tuple(input_shape)[1:]:
             return None
         return self.backward == "matmul" or conv_grad.use_matmul_weight_grad(
-            k, self.strides[0], input_shape
+            k, self.strides[0], input_shape, dtype
         )
 
     def conv_pads(self) -> tuple[int, int]:
@@ -332,7 +333,7 @@ class Conv2DFixedPadding(keras.layers.Conv2D):
         return self._pads
 
     def call(self, inputs):
-        matmul = self.custom_backward(inputs.shape)
+        matmul = self.custom_backward(inputs.shape, inputs.dtype)
         # Unpadded with oneDNN's kernel gradient, conv2d is TF's own conv.
         if matmul or (matmul is not None and any(self._pads)):
             kernel = tf.cast(self.kernel, inputs.dtype)

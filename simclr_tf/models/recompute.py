@@ -47,7 +47,7 @@ def bn_relu_conv(
     Returns:
       The conv output.
     """
-    matmul = conv.custom_backward(z.shape) if recompute else None
+    matmul = conv.custom_backward(z.shape, z.dtype) if recompute else None
     fusable = z.dtype in (tf.float32, tf.bfloat16, tf.float16)
     if (
         matmul is None
