@@ -223,6 +223,8 @@ class Settings:
     matmul_n: int
     conv_backward: str = "auto"
     recompute_bn_relu: bool = True
+    grad_cache_chunk_size: int = 0
+    inter_op_threads: int = 0
 
 
 def benchmark_config(preset: tuple[str, bool, str, str], settings: Settings):
@@ -251,6 +253,8 @@ def benchmark_config(preset: tuple[str, bool, str, str], settings: Settings):
             steps_per_loop=settings.steps_per_loop,
             conv_backward=settings.conv_backward,
             recompute_bn_relu=settings.recompute_bn_relu,
+            grad_cache_chunk_size=settings.grad_cache_chunk_size,
+            inter_op_threads=settings.inter_op_threads,
             seed=0,
         )
     )
@@ -312,7 +316,12 @@ def _train_loop(config, strategy, model, optimizer):
     objective = factory.build_objective(config, model)
     return step_lib.make_train_loop(
         strategy,
-        step_lib.make_replica_step(model, optimizer, objective),
+        step_lib.make_replica_step(
+            model,
+            optimizer,
+            objective,
+            config.train.grad_cache_chunk_size,
+        ),
         list(objective.metric_names),
         jit_compile=config.runtime.jit_compile,
     )
@@ -439,6 +448,8 @@ def run_worker(
         launch_to_first_step_s=round(launch_s, 1),
         conv_backward=settings.conv_backward,
         recompute_bn_relu=settings.recompute_bn_relu,
+        grad_cache_chunk_size=settings.grad_cache_chunk_size,
+        inter_op_threads=tf.config.threading.get_inter_op_parallelism_threads(),
         peak_rss_gib=round(peak, 2),
         forward_gflops_per_image=round(forward / 1e9, 3),
         train_gflops_per_image=round(train_flops / 1e9, 3),
@@ -500,6 +511,14 @@ def define_flags() -> None:
     )
     flags.DEFINE_bool(
         "recompute_bn_relu", True, "--recompute_bn_relu of the runs."
+    )
+    flags.DEFINE_integer(
+        "grad_cache_chunk_size",
+        0,
+        "--grad_cache_chunk_size of the runs (0: one pass per batch).",
+    )
+    flags.DEFINE_integer(
+        "inter_op_threads", 0, "--inter_op_threads of the runs (0: auto)."
     )
     flags.DEFINE_integer("steps", 6, "Timed steps per configuration.")
     flags.DEFINE_integer(

@@ -593,8 +593,8 @@ class RuntimeConfig:
         "How the encoder's conv gradients are computed (same values): tf is "
         "TensorFlow's own conv gradient; auto recomputes strided convs' "
         "padding in the backward pass and computes kernel gradients on small "
-        "3x3 maps as one matmul per kernel tap (faster there); matmul does so "
-        "everywhere.",
+        "3x3 maps as one matmul per kernel tap where that is faster "
+        "(bfloat16; strided in float32); matmul does so everywhere.",
         CONV_BACKWARDS,
     )
     recompute_bn_relu: bool = _field(
@@ -604,10 +604,18 @@ class RuntimeConfig:
         "values; needs the fused batch norm: one replica or "
         "--global_bn=False).",
     )
+    inter_op_threads: int = _field(
+        0,
+        "Threads of TensorFlow's pool that runs independent ops "
+        "concurrently. 0 = auto: 1 for a run on one CPU device (each op "
+        "already uses every core; fewer tensors alive at once, less peak "
+        "memory), else TensorFlow's default.",
+    )
 
     def __post_init__(self) -> None:
         _check_choices(self)
         _check_non_negative(self, "cpu_replicas")
+        _check_non_negative(self, "inter_op_threads")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,10 @@
 """Tests of simclr_tf.distribute: strategy choice and batch checks."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import tensorflow as tf
@@ -8,6 +12,8 @@ import tensorflow as tf
 from simclr_tf import distribute
 from simclr_tf.config import ConfigError, RuntimeConfig
 from tests.helpers import two_replica_strategy
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cpu_default_is_one_replica(monkeypatch):
@@ -28,6 +34,38 @@ def test_cpu_replicas_mirror_over_logical_devices(monkeypatch):
 def test_cpu_replicas_after_initialisation_is_a_clear_error():
     with pytest.raises(ConfigError, match="cpu_replicas=3"):
         distribute.build_strategy(RuntimeConfig(cpu_replicas=3))
+
+
+def test_inter_op_threads_after_initialisation_is_a_clear_error():
+    with pytest.raises(ConfigError, match="inter_op_threads=3"):
+        distribute.build_strategy(RuntimeConfig(inter_op_threads=3))
+    # Auto leaves a running TensorFlow alone.
+    distribute.build_strategy(RuntimeConfig())
+
+
+@pytest.mark.parametrize(
+    "flags,threads",
+    [("", 1), ("cpu_replicas=2", 0), ("inter_op_threads=3", 3)],
+)
+def test_inter_op_threads_in_a_fresh_process(flags, threads):
+    code = (
+        "import tensorflow as tf\n"
+        "from simclr_tf import config, distribute\n"
+        f"runtime = config.RuntimeConfig({flags})\n"
+        "distribute.build_strategy(runtime)\n"
+        "print(tf.config.threading.get_inter_op_parallelism_threads())\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("TF_CONFIG", None)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout.split()[-1]) == threads
 
 
 def test_batch_must_divide_by_replicas():
