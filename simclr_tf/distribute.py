@@ -58,37 +58,20 @@ def _tpu_strategy(runtime: RuntimeConfig) -> tf.distribute.Strategy:
     return tf.distribute.TPUStrategy(resolver)
 
 
-def _set_inter_op_threads(runtime: RuntimeConfig) -> None:
-    """Applies `runtime.inter_op_threads` (0: 1 on a single CPU device).
-
-    Auto leaves TensorFlow's pool alone with several devices (replicas of
-    one step must run side by side: a one-thread pool would serialise
-    their collectives) and where TensorFlow already runs in the process.
-    """
-    threads = runtime.inter_op_threads
+def _set_inter_op_threads(threads: int) -> None:
+    """Sizes TensorFlow's inter-op pool (0: leave TensorFlow's default)."""
     if not threads:
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        one_cpu = not (
-            runtime.use_tpu
-            or runtime.cpu_replicas > 1
-            or len(tf.config.get_logical_device_configuration(cpu) or []) > 1
-            or num_workers_in_tf_config() > 1
-            or tf.config.list_physical_devices("GPU")
-        )
-        if not one_cpu:
-            return
-        threads = 1
+        return
     if tf.config.threading.get_inter_op_parallelism_threads() == threads:
         return
     try:
         tf.config.threading.set_inter_op_parallelism_threads(threads)
     except RuntimeError as e:
-        if runtime.inter_op_threads:
-            raise ConfigError(
-                f"Received: inter_op_threads={threads}, but TensorFlow has "
-                "already started in this process; set it before any "
-                "TensorFlow op runs."
-            ) from e
+        raise ConfigError(
+            f"Received: inter_op_threads={threads}, but TensorFlow has "
+            "already started in this process; set it before any "
+            "TensorFlow op runs."
+        ) from e
 
 
 def build_strategy(runtime: RuntimeConfig) -> tf.distribute.Strategy:
@@ -98,7 +81,7 @@ def build_strategy(runtime: RuntimeConfig) -> tf.distribute.Strategy:
       ConfigError: unusable TF_CONFIG, cpu_replicas or inter_op_threads.
     """
     devices.initialize_devices()  # Without the CPU-only cuInit error.
-    _set_inter_op_threads(runtime)
+    _set_inter_op_threads(runtime.inter_op_threads)
     if runtime.use_tpu:
         strategy = _tpu_strategy(runtime)
     elif num_workers_in_tf_config() > 1:
