@@ -81,7 +81,7 @@ def test_tensorflow_import_leaves_sklearn_out_until_asked_for():
     result = _python(code)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["False", "1"]
-    # Without the guard TensorFlow's import brings both in.
+    # Without the guard TensorFlow's import brings it in.
     plain = _python("import sys, tensorflow; print('sklearn' in sys.modules)")
     assert plain.stdout.strip() == "True"
 
