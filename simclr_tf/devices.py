@@ -17,8 +17,8 @@ points call this before anything imports TensorFlow; this module itself
 does not import it at load time.
 
 Importing TensorFlow also imports `tf.keras`'s scikit-learn wrappers, and
-with them scikit-learn and SciPy (0.7 s and 85 MiB of resident memory on
-a 2-core machine), although a run never uses those wrappers.
+with them scikit-learn and SciPy (0.7 s and about 60 MiB of resident
+memory on a 2-core machine), although a run never uses those wrappers.
 `initialize_devices` hides scikit-learn from that first import (Keras
 then defines its wrappers as when scikit-learn is not installed); a later
 `import sklearn` (logistic-regression evaluation, the quickstart's data)

@@ -33,8 +33,8 @@ BACKWARDS = config_lib.CONV_BACKWARDS
 # has at most this many positions per image (a CIFAR ResNet's block groups
 # 3 and 4: 8x8 and 4x4), in bfloat16/float16 and for strided ones in
 # float32. Measured per conv at batch 512 on a 2-core AVX512-BF16 CPU,
-# oneDNN time / matmul time: bfloat16 4x4 stride 1 2.0-2.1 (against
-# oneDNN's SAME-padded gradient), 8x8 stride 1 1.1, stride 2 to 4x4
+# oneDNN time / matmul time: bfloat16 4x4 stride 1 1.7-2.2 (against
+# oneDNN's SAME-padded gradient), 8x8 stride 1 1.1-1.4, stride 2 to 4x4
 # 2.4-3.0 and to 8x8 1.3-1.5, but 16x16 stride 1 0.6 and stride 2 to
 # 16x16 0.9; float32 stride 1: 0.76 at 8x8 and 0.9 at 4x4 (oneDNN's SAME
 # gradient wins), strided 1.15-1.25. 1x1 convolutions stay with oneDNN
@@ -220,9 +220,9 @@ def use_matmul_weight_grad(
     if height is None or width is None:
         return False
     out_positions = -(-height // stride) * -(-width // stride)
-    wide = tf.as_dtype(dtype).size > 2 and stride == 1
+    onednn_same_wins = tf.as_dtype(dtype).size > 2 and stride == 1
     return (
         kernel_size == 3
         and out_positions <= AUTO_MAX_OUTPUT_POSITIONS
-        and not wide
+        and not onednn_same_wins
     )
