@@ -23,6 +23,7 @@ from simclr_tf.training import step as step_lib
 from tests.helpers import (
     SMOKE,
     build_optimizer,
+    distributed_losses,
     run_on_mock_data,
     smoke_config,
     two_replica_strategy,
@@ -170,23 +171,10 @@ def _one_step(
     replica_step = step_lib.make_replica_step(
         model, optimizer, obj, grad_cache_chunk_size=chunk
     )
-    n = strategy.num_replicas_in_sync
-    per = GLOBAL_BATCH // n
-
-    def shard(ctx):
-        i = ctx.replica_id_in_sync_group
-        return images[i * per : (i + 1) * per], tf.zeros((per, 0))
-
-    batch = strategy.experimental_distribute_values_from_function(shard)
-
-    @tf.function
-    def run(batch):
-        metrics = strategy.run(replica_step, args=batch)
-        return strategy.reduce(
-            tf.distribute.ReduceOp.MEAN, metrics["total_loss"], axis=None
-        )
-
-    losses = [float(run(batch)) for _ in range(steps)]
+    no_labels = tf.zeros((images.shape[0], 0))
+    losses = distributed_losses(
+        strategy, replica_step, images, no_labels, steps
+    )
     return losses, model, teacher, optimizer
 
 

@@ -64,3 +64,24 @@ def parse_run_py(flagfile, *args) -> config_lib.Config:
         return cli.config_from_flags()
     finally:
         cli.FLAGS.unparse_flags()
+
+
+def distributed_losses(strategy, replica_step, images, labels, steps=1):
+    """Runs `replica_step` `steps` times on one global batch split evenly
+    over the replicas; returns the replica-mean total loss of each step."""
+    per = images.shape[0] // strategy.num_replicas_in_sync
+
+    def shard(ctx):
+        i = ctx.replica_id_in_sync_group
+        return images[i * per : (i + 1) * per], labels[i * per : (i + 1) * per]
+
+    batch = strategy.experimental_distribute_values_from_function(shard)
+
+    @tf.function
+    def run(batch):
+        metrics = strategy.run(replica_step, args=batch)
+        return strategy.reduce(
+            tf.distribute.ReduceOp.MEAN, metrics["total_loss"], axis=None
+        )
+
+    return [float(run(batch)) for _ in range(steps)]

@@ -9,7 +9,11 @@ from simclr_tf import config as config_lib
 from simclr_tf import optim
 from simclr_tf.models import factory
 from simclr_tf.training import step as step_lib
-from tests.helpers import build_optimizer, two_replica_strategy
+from tests.helpers import (
+    build_optimizer,
+    distributed_losses,
+    two_replica_strategy,
+)
 
 GLOBAL_BATCH, SIZE, CLASSES = 8, 16, 5
 
@@ -39,23 +43,7 @@ def _one_step(strategy, config, weights, images, labels):
         optimizer = build_optimizer(config, model)
     objective = factory.build_objective(config, model)
     replica_step = step_lib.make_replica_step(model, optimizer, objective)
-    n = strategy.num_replicas_in_sync
-    per = GLOBAL_BATCH // n
-
-    def shard(ctx):
-        i = ctx.replica_id_in_sync_group
-        return images[i * per : (i + 1) * per], labels[i * per : (i + 1) * per]
-
-    batch = strategy.experimental_distribute_values_from_function(shard)
-
-    @tf.function
-    def run(batch):
-        metrics = strategy.run(replica_step, args=batch)
-        return strategy.reduce(
-            tf.distribute.ReduceOp.MEAN, metrics["total_loss"], axis=None
-        )
-
-    loss = float(run(batch))
+    (loss,) = distributed_losses(strategy, replica_step, images, labels)
     return loss, [w.copy() for w in model.get_weights()]
 
 
