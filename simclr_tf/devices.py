@@ -16,12 +16,16 @@ Every other line, errors included, is printed unchanged. Under
 points call this before anything imports TensorFlow; this module itself
 does not import it at load time.
 
-Importing TensorFlow also imports `tf.keras`'s scikit-learn wrappers, and
-with them scikit-learn and SciPy (0.7 s and about 60 MiB of resident
-memory on a 2-core machine), although a run never uses those wrappers.
-`initialize_devices` hides scikit-learn from that first import (Keras
-then defines its wrappers as when scikit-learn is not installed); a later
-`import sklearn` (logistic-regression evaluation, the quickstart's data)
+Importing TensorFlow also imports Keras's optional helpers, and with them
+whatever they use that is installed: the scikit-learn wrappers import
+scikit-learn and SciPy (0.7 s and about 60 MiB of resident memory on a
+2-core machine), the image-gallery plots `matplotlib.pyplot` (0.3 s,
+25 MiB), although a run uses neither. `initialize_devices` hides those
+packages (`OPTIONAL_KERAS_DEPENDENCIES`) from that first import (Keras
+then defines its helpers as when they are not installed, so
+`keras.visualization`'s plots would ask for matplotlib in such a
+process); a later `import sklearn` or `import matplotlib` (logistic
+-regression evaluation, the quickstart's data, `scripts/plot_run.py`)
 works as usual.
 """
 
@@ -73,26 +77,32 @@ def stderr_without(pattern: re.Pattern) -> Iterator[None]:
                     os.write(2, line)
 
 
+# What Keras imports at its own import when installed, for helpers that a
+# run does not use (scikit-learn wrappers, image-gallery plots).
+OPTIONAL_KERAS_DEPENDENCIES = ("sklearn", "matplotlib")
+
+
 @contextlib.contextmanager
-def sklearn_hidden() -> Iterator[None]:
-    """Makes `import sklearn` raise ImportError inside the block, unless
-    scikit-learn is already imported (then nothing changes)."""
-    if "sklearn" in sys.modules:
-        yield
-        return
-    sys.modules["sklearn"] = None  # The import system's "not found".
+def modules_hidden(names) -> Iterator[None]:
+    """Makes `import <name>` raise ImportError inside the block, for each
+    of the top-level package `names` not already imported (an imported one
+    stays as it is)."""
+    hidden = [name for name in names if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # The import system's "not found".
     try:
         yield
     finally:
-        del sys.modules["sklearn"]
+        for name in hidden:
+            del sys.modules[name]
 
 
 def initialize_devices() -> list:
     """Imports TensorFlow and initialises its physical devices.
 
     On Linux without a CUDA driver, the cuInit ERROR line is dropped;
-    scikit-learn stays out of TensorFlow's import (see the module
-    docstring). Later calls are cheap.
+    `OPTIONAL_KERAS_DEPENDENCIES` stay out of TensorFlow's import (see the
+    module docstring). Later calls are cheap.
 
     Returns:
       The physical devices (`tf.config.list_physical_devices()`).
@@ -101,7 +111,10 @@ def initialize_devices() -> list:
         cuda_driver_present()
     )
     quiet = stderr_without(CUINIT_ERROR) if filter_cuinit else None
-    with quiet or contextlib.nullcontext(), sklearn_hidden():
+    with (
+        quiet or contextlib.nullcontext(),
+        modules_hidden(OPTIONAL_KERAS_DEPENDENCIES),
+    ):
         import tensorflow as tf
 
         return tf.config.list_physical_devices()

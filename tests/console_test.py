@@ -67,23 +67,30 @@ def test_device_probe_prints_no_cuinit_error_without_a_driver():
 
 
 @pytest.mark.slow
-def test_tensorflow_import_leaves_sklearn_out_until_asked_for():
+def test_tensorflow_import_leaves_sklearn_and_matplotlib_out_until_asked():
     code = (
         "import sys\n"
         "from simclr_tf import devices\n"
         "devices.initialize_devices()\n"
         "import keras\n"
-        "print('sklearn' in sys.modules)\n"
+        "print('sklearn' in sys.modules, 'matplotlib' in sys.modules)\n"
         "from sklearn import linear_model\n"
         "print(linear_model.LogisticRegression().fit("
         "[[0.0], [1.0]], [0, 1]).predict([[1.0]])[0])\n"
+        "import matplotlib\n"
+        "matplotlib.use('Agg')\n"
+        "import matplotlib.pyplot as plt\n"
+        "print(plt.figure().number)\n"
     )
     result = _python(code)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["False", "1"]
-    # Without the guard TensorFlow's import brings it in.
-    plain = _python("import sys, tensorflow; print('sklearn' in sys.modules)")
-    assert plain.stdout.strip() == "True"
+    assert result.stdout.split() == ["False", "False", "1", "1"]
+    # Without the guard TensorFlow's import brings both in.
+    plain = _python(
+        "import sys, tensorflow\n"
+        "print('sklearn' in sys.modules, 'matplotlib' in sys.modules)"
+    )
+    assert plain.stdout.split() == ["True", "True"]
 
 
 def _image_folder(root: Path, classes: int, per_class: int) -> Path:
