@@ -61,6 +61,39 @@ def test_bn_relu_conv_matches_the_plain_chain(stride, backward, monkeypatch):
         )
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_bn_matches_tf_own_shortcut(stride, monkeypatch):
+    # A projection shortcut, bn(conv_1x1(x)), as Keras computes it with
+    # TF's own conv gradient, against the path that recomputes the conv.
+    x = tf.random.stateless_normal((4, 8, 8, 5), seed=(1, 2)) + 0.5
+    calls = _counted_backward(monkeypatch)
+    results = []
+    for backward, recomputed in (("auto", True), ("tf", False)):
+        bn = layers.batch_norm(0.9, global_bn=False)
+        conv = layers.Conv2DFixedPadding(6, 1, stride, backward=backward)
+        bn.build((None, 8, 8, 6))
+        conv.build((None, 8, 8, 5))
+        bn.gamma.assign(tf.linspace(0.5, 1.5, 6))
+        bn.beta.assign(tf.linspace(-0.3, 0.3, 6))
+        conv.kernel.assign(
+            tf.random.stateless_normal(conv.kernel.shape, seed=(3, 4))
+        )
+        variables = [bn.gamma, bn.beta, conv.kernel]
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = recompute.conv_bn(x, conv, bn, True, recomputed)
+            loss = tf.reduce_sum(y * tf.sin(y))
+        grads = tape.gradient(loss, [x, *variables])
+        results.append([y, *grads, bn.moving_mean, bn.moving_variance])
+        if recomputed:
+            assert calls, "the recomputing path was not taken"
+    assert results[0][0].shape == (4, 8 // stride, 8 // stride, 6)
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_allclose(
+            np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4
+        )
+
+
 def test_bn_relu_conv_is_the_plain_chain_when_not_fused():
     z = tf.random.stateless_normal((2, 8, 8, 5), seed=(1, 2))
     bn, conv = _pair(1, "auto")

@@ -26,7 +26,7 @@ from simclr_tf.models.layers import (
     build_once,
     set_layer_attributes,
 )
-from simclr_tf.models.recompute import bn_relu_conv
+from simclr_tf.models.recompute import bn_relu_conv, conv_bn
 
 # depth -> (block type, blocks per group), reference `resnet()`.
 BLOCKS = {
@@ -67,7 +67,8 @@ class _Block(keras.layers.Layer):
       conv_backward: the convs' gradient formulation
         (`Conv2DFixedPadding`'s `backward`).
       recompute_bn_relu: keep only the conv output of conv-BN-ReLU-conv
-        chains for the backward pass (`recompute.bn_relu_conv`).
+        chains for the backward pass (`recompute.bn_relu_conv`), and
+        recompute the projection shortcut's conv (`recompute.conv_bn`).
       **kwargs: base layer arguments.
     """
 
@@ -148,7 +149,13 @@ class _Block(keras.layers.Layer):
                 # Reference: FixedPadding(2) = pad 0 before, 1 after.
                 x = tf.pad(x, [[0, 0], [0, 1], [0, 1], [0, 0]])
             x = self.shortcut_pool(x)
-        return self.shortcut_bn(self.shortcut_conv(x), training=training)
+        return conv_bn(
+            x,
+            self.shortcut_conv,
+            self.shortcut_bn,
+            training,
+            self.recompute_bn_relu,
+        )
 
     def _merge(self, residual, inputs, training):
         if self.se is not None:
