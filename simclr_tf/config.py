@@ -599,11 +599,12 @@ class RuntimeConfig:
     )
     recompute_bn_relu: bool = _field(
         True,
-        "Keep only the conv output of a conv-BN-ReLU-conv chain for the "
-        "backward pass and recompute BN-ReLU there, and recompute a "
-        "projection shortcut's 1x1 conv instead of keeping its output "
-        "(less memory, same values; needs the fused batch norm: one "
-        "replica or --global_bn=False).",
+        "Keep only the conv output of a conv-BN-ReLU-conv chain (the "
+        "CIFAR stem's into block 1 too) for the backward pass and "
+        "recompute BN-ReLU there, and recompute a projection shortcut's "
+        "1x1 conv instead of keeping its output (less memory, same "
+        "values; needs the fused batch norm: one replica or "
+        "--global_bn=False).",
     )
     inter_op_threads: int = _field(
         0,

@@ -104,7 +104,16 @@ def test_bn_relu_conv_is_the_plain_chain_when_not_fused():
 
 
 @pytest.mark.parametrize("depth", [18, 50])
-def test_resnet_gradients_match_tf_own(depth):
+def test_resnet_gradients_match_tf_own(depth, monkeypatch):
+    # Block 1 applies the CIFAR stem's BN-ReLU itself on the fast path.
+    input_bns = []
+    branches_fn = resnet.bn_relu_branches
+
+    def spied(z, bn, *args):
+        input_bns.append(bn)
+        return branches_fn(z, bn, *args)
+
+    monkeypatch.setattr(resnet, "bn_relu_branches", spied)
     kwargs = dict(depth=depth, cifar_stem=True, base_width=8, global_bn=False)
     fast = resnet.ResNet(conv_backward="auto", recompute_bn_relu=True, **kwargs)
     plain = resnet.ResNet(conv_backward="tf", recompute_bn_relu=False, **kwargs)
@@ -120,11 +129,21 @@ def test_resnet_gradients_match_tf_own(depth):
     results = []
     for model in (fast, plain):
         with tf.GradientTape() as tape:
-            out = model(images, training=True)["final_avg_pool"]
+            endpoints = model(images, training=True)
+            out = endpoints["final_avg_pool"]
             loss = tf.reduce_sum(out * tf.cos(out))
         grads = tape.gradient(loss, model.trainable_variables)
         assert all(g is not None for g in grads)
-        results.append([out, *grads, *model.non_trainable_variables])
+        # Moving statistics: each BN updated once, the stem's included.
+        results.append(
+            [
+                out,
+                endpoints["initial_max_pool"],
+                *grads,
+                *model.non_trainable_variables,
+            ]
+        )
+    assert fast.stem.bns[-1] in input_bns
     for a, b in zip(*results, strict=True):
         a, b = np.asarray(a), np.asarray(b)
         scale = np.abs(b).max() + 1e-6

@@ -24,9 +24,14 @@ from simclr_tf.models.layers import (
     SqueezeExcitation,
     batch_norm,
     build_once,
+    fused_batch_norm,
     set_layer_attributes,
 )
-from simclr_tf.models.recompute import bn_relu_conv, conv_bn
+from simclr_tf.models.recompute import (
+    bn_relu_branches,
+    bn_relu_conv,
+    conv_bn,
+)
 
 # depth -> (block type, blocks per group), reference `resnet()`.
 BLOCKS = {
@@ -68,7 +73,9 @@ class _Block(keras.layers.Layer):
         (`Conv2DFixedPadding`'s `backward`).
       recompute_bn_relu: keep only the conv output of conv-BN-ReLU-conv
         chains for the backward pass (`recompute.bn_relu_conv`), and
-        recompute the projection shortcut's conv (`recompute.conv_bn`).
+        recompute the projection shortcut's conv (`recompute.conv_bn`);
+        with `input_bn` (`call`), the block applies that BN-ReLU to its
+        input itself and keeps only the input (`_first_convs`).
       **kwargs: base layer arguments.
     """
 
@@ -157,10 +164,35 @@ class _Block(keras.layers.Layer):
             self.recompute_bn_relu,
         )
 
-    def _merge(self, residual, inputs, training):
+    @property
+    def takes_input_bn(self) -> bool:
+        """Whether `call` can take `input_bn`: only a plain projection
+        shortcut and conv1 read the input."""
+        return self.shortcut_conv is not None and self.shortcut_pool is None
+
+    def _first_convs(self, inputs, training, input_bn):
+        """(conv1 output, shortcut) of the block input, which is
+        relu(input_bn(inputs)) when `input_bn` is given: that BN-ReLU is
+        then recomputed in the backward pass (`bn_relu_branches`)."""
+        if input_bn is None:
+            return self.conv1(inputs), self._shortcut(inputs, training)
+        if not self.takes_input_bn:
+            raise ValueError(
+                f"Block {self.name} reads its input outside conv1 and a "
+                "plain projection shortcut: it cannot take input_bn."
+            )
+        return bn_relu_branches(
+            inputs,
+            input_bn,
+            [(self.conv1, None), (self.shortcut_conv, self.shortcut_bn)],
+            training,
+            self.recompute_bn_relu,
+        )
+
+    def _merge(self, residual, shortcut):
         if self.se is not None:
             residual = self.se(residual)
-        return tf.nn.relu(residual + self._shortcut(inputs, training))
+        return tf.nn.relu(residual + shortcut)
 
     def compute_output_shape(self, input_shape):
         spatial = list(input_shape[1:3])
@@ -210,16 +242,13 @@ class BasicBlock(_Block):
         build_once(self.bn2, width)
         self._build_shortcut_and_se(input_shape)
 
-    def call(self, inputs, training=None):
+    def call(self, inputs, training=None, input_bn=None):
+        x, shortcut = self._first_convs(inputs, training, input_bn)
         x = bn_relu_conv(
-            self.conv1(inputs),
-            self.bn1,
-            self.conv2,
-            training,
-            self.recompute_bn_relu,
+            x, self.bn1, self.conv2, training, self.recompute_bn_relu
         )
         x = self.bn2(x, training=training)
-        return self._merge(x, inputs, training)
+        return self._merge(x, shortcut)
 
 
 @_register
@@ -266,8 +295,8 @@ class BottleneckBlock(_Block):
         build_once(self.bn3, (None, None, None, self.out_filters))
         self._build_shortcut_and_se(input_shape)
 
-    def call(self, inputs, training=None):
-        x = self.conv1(inputs)
+    def call(self, inputs, training=None, input_bn=None):
+        x, shortcut = self._first_convs(inputs, training, input_bn)
         if self.sk_conv is not None:
             x = tf.nn.relu(self.bn1(x, training=training))
             x = self.sk_conv(x, training=training)
@@ -277,7 +306,7 @@ class BottleneckBlock(_Block):
             x = bn_relu_conv(x, self.bn1, self.conv2, training, recompute)
             x = bn_relu_conv(x, self.bn2, self.conv3, training, recompute)
         x = self.bn3(x, training=training)
-        return self._merge(x, inputs, training)
+        return self._merge(x, shortcut)
 
 
 _BLOCK_TYPES = {"basic": BasicBlock, "bottleneck": BottleneckBlock}
@@ -357,9 +386,10 @@ class BlockGroup(keras.layers.Layer):
             build_once(block, input_shape)
             input_shape = (None, None, None, block.out_filters)
 
-    def call(self, inputs, training=None):
-        x = inputs
-        for block in self.blocks:
+    def call(self, inputs, training=None, input_bn=None):
+        """`input_bn`: the first block's (`_Block._first_convs`)."""
+        x = self.blocks[0](inputs, training=training, input_bn=input_bn)
+        for block in self.blocks[1:]:
             x = block(x, training=training)
         return x
 
@@ -462,11 +492,15 @@ class Stem(keras.layers.Layer):
             input_shape = (None, None, None, conv.filters)
             build_once(bn, input_shape)
 
-    def call(self, inputs, training=None) -> dict[str, tf.Tensor]:
+    def call(self, inputs, training=None, activate=True):
+        """The endpoints; without `activate` only `initial_conv` (the
+        caller applies the last BN-ReLU)."""
         x = inputs
         for conv, bn in zip(self.convs[:-1], self.bns[:-1], strict=False):
             x = tf.nn.relu(bn(conv(x), training=training))
         initial_conv = self.convs[-1](x)
+        if not activate:
+            return {"initial_conv": initial_conv}
         x = tf.nn.relu(self.bns[-1](initial_conv, training=training))
         if self.max_pool is not None:
             x = self.max_pool(x)
@@ -516,7 +550,8 @@ class ResNet(keras.layers.Layer):
       conv_backward: how conv gradients are computed (same values;
         `Conv2DFixedPadding`'s `backward`): "auto", "tf" or "matmul".
       recompute_bn_relu: blocks keep only the conv output of
-        conv-BN-ReLU-conv chains for the backward pass.
+        conv-BN-ReLU-conv chains for the backward pass, and a CIFAR stem
+        only its conv output (block 1 applies its BN-ReLU).
       **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Raises:
@@ -613,13 +648,49 @@ class ResNet(keras.layers.Layer):
             build_once(group, shape)
             shape = (None, None, None, group.out_filters)
 
+    def _stem_bn_for_group1(self, inputs, training):
+        """The stem's last BN when block group 1 applies the stem's last
+        BN-ReLU itself, else None.
+
+        A CIFAR stem (no max-pool) feeds the first block's conv1 and
+        projection shortcut only; that block then keeps just the stem's
+        conv output for the backward pass (`bn_relu_branches`), one
+        activation less. Needs what the recomputation needs: training, a
+        trainable stem, `recompute_bn_relu`, custom conv gradients and
+        the fused batch norm.
+        """
+        bn = self.stem.bns[-1]
+        recomputes = self.recompute_bn_relu and self.conv_backward != "tf"
+        if not (
+            recomputes
+            and self.stem.max_pool is None
+            and self.fine_tune_after_block != 0
+            and self.block_groups[0].blocks[0].takes_input_bn
+        ):
+            return None
+        # The check reads only the rank and channel axis of a tensor.
+        return bn if bn._fused_training(inputs, training, None) else None
+
     def call(self, inputs, training=None) -> dict[str, tf.Tensor]:
-        endpoints = self.stem(inputs, training=training)
-        x = endpoints["initial_max_pool"]
-        if self.fine_tune_after_block == 0:
-            x = tf.stop_gradient(x)
+        stem_bn = self._stem_bn_for_group1(inputs, training)
+        endpoints = self.stem(
+            inputs, training=training, activate=stem_bn is None
+        )
+        if stem_bn is None:
+            x = endpoints["initial_max_pool"]
+            if self.fine_tune_after_block == 0:
+                x = tf.stop_gradient(x)
+        else:
+            # The value block group 1 sees, without a second statistics
+            # update (unused in a training step, so never computed there).
+            x = endpoints["initial_conv"]
+            scale, offset = stem_bn.scale_and_offset(x.shape[-1])
+            y = fused_batch_norm(x, scale, offset, stem_bn.epsilon)[0]
+            endpoints["initial_max_pool"] = tf.nn.relu(y)
         for i, group in enumerate(self.block_groups, start=1):
-            x = group(x, training=training)
+            x = group(
+                x, training=training, input_bn=stem_bn if i == 1 else None
+            )
             if self.fine_tune_after_block == i:
                 x = tf.stop_gradient(x)
             endpoints[f"block_group{i}"] = x
