@@ -23,7 +23,10 @@ time are its own) and:
    step: what a run takes to get going; then, after `--warmup_steps`
    more, the median images/s over `--steps` timed steps
    (`--steps_per_loop` steps per call); the peak RSS (`ru_maxrss`) up to
-   there and the 1-minute load average at start and end;
+   there, the peak of TensorFlow's CPU allocator (its tensors: weights,
+   pipeline buffers and the steps' tensors; the rest of the RSS is the
+   runtime itself and the allocator's free memory) and the 1-minute load
+   average at start and end;
 3. then, after the run's own work (so that neither is in the launch time
    nor its buffers in the peak RSS), measures a dense float32 matmul's
    FLOP/s (2048 x 2048, best of a few seconds): the machine is shared,
@@ -419,6 +422,7 @@ def run_worker(
     timed = _time_steps(loop, iterator, settings)
     launch_s = timed["first_step_end"] - launch_time if launch_time else 0.0
     peak = peak_rss()
+    tensor_peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
     # The benchmark's own measurements, after the run's (a run does
     # neither, and their buffers would stay in the peak RSS).
     matmul = matmul_flops_per_s(settings.matmul_n, settings.matmul_seconds)
@@ -451,6 +455,7 @@ def run_worker(
         grad_cache_chunk_size=settings.grad_cache_chunk_size,
         inter_op_threads=tf.config.threading.get_inter_op_parallelism_threads(),
         peak_rss_gib=round(peak, 2),
+        tensor_peak_gib=round(tensor_peak / GIB, 2),
         forward_gflops_per_image=round(forward / 1e9, 3),
         train_gflops_per_image=round(train_flops / 1e9, 3),
         achieved_gflops_per_s=round(images_per_s * train_flops / 1e9, 1),
@@ -650,6 +655,7 @@ TABLE_COLUMNS = (
     ("first step s", "first_step_s", "{:.1f}"),
     ("launch to 1st step s", "launch_to_first_step_s", "{:.1f}"),
     ("peak RSS GiB", "peak_rss_gib", "{:.2f}"),
+    ("tensor peak GiB", "tensor_peak_gib", "{:.2f}"),
     ("GFLOPs/image", "train_gflops_per_image", "{:.2f}"),
     ("GFLOP/s", "achieved_gflops_per_s", "{:.0f}"),
     ("matmul GFLOP/s", "matmul_gflops_per_s", "{:.0f}"),

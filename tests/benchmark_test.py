@@ -90,6 +90,7 @@ def test_format_table_rows():
         first_step_s=12.31,
         launch_to_first_step_s=19.04,
         peak_rss_gib=2.345,
+        tensor_peak_gib=1.234,
         train_gflops_per_image=6.73,
         achieved_gflops_per_s=592.4,
         matmul_gflops_per_s=470.2,
@@ -101,7 +102,7 @@ def test_format_table_rows():
         "| config | images/s | first step s | launch to 1st step s |"
     )
     assert lines[2] == (
-        "| bf16 | 88.0 | 12.3 | 19.0 | 2.35 | 6.73 | 592 | 470 | 126% "
+        "| bf16 | 88.0 | 12.3 | 19.0 | 2.35 | 1.23 | 6.73 | 592 | 470 | 126% "
         "| 1.0-2.5 |"
     )
 
