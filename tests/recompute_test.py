@@ -9,13 +9,15 @@ from simclr_tf.models import conv_grad, layers, recompute, resnet
 from tests.helpers import two_replica_strategy
 
 
-def _pair(stride, backward):
+def _pair(stride, backward, kernel_size=3, bn_channels=5):
+    """A BN over `bn_channels` (5: before the conv, 6: after it) and a
+    5 -> 6 channel conv."""
     bn = layers.batch_norm(0.9, global_bn=False)
-    conv = layers.Conv2DFixedPadding(6, 3, stride, backward=backward)
-    bn.build((None, 8, 8, 5))
+    conv = layers.Conv2DFixedPadding(6, kernel_size, stride, backward=backward)
+    bn.build((None, 8, 8, bn_channels))
     conv.build((None, 8, 8, 5))
-    bn.gamma.assign(tf.linspace(0.5, 1.5, 5))
-    bn.beta.assign(tf.linspace(-0.3, 0.3, 5))
+    bn.gamma.assign(tf.linspace(0.5, 1.5, bn_channels))
+    bn.beta.assign(tf.linspace(-0.3, 0.3, bn_channels))
     conv.kernel.assign(
         tf.random.stateless_normal(conv.kernel.shape, seed=(3, 4))
     )
@@ -35,12 +37,20 @@ def _counted_backward(monkeypatch) -> list:
     return calls
 
 
-def _run(z, stride, backward, recomputed):
-    bn, conv = _pair(stride, backward)
+def _run(z, stride, backward, recomputed, shortcut=False):
+    """conv(relu(bn(z))), or with `shortcut` a 1x1 conv's bn(conv(z)), its
+    output, gradients and moving statistics."""
+    if shortcut:
+        bn, conv = _pair(stride, backward, kernel_size=1, bn_channels=6)
+    else:
+        bn, conv = _pair(stride, backward)
     variables = [bn.gamma, bn.beta, conv.kernel]
     with tf.GradientTape() as tape:
         tape.watch(z)
-        y = recompute.bn_relu_conv(z, bn, conv, True, recomputed)
+        if shortcut:
+            y = recompute.conv_bn(z, conv, bn, True, recomputed)
+        else:
+            y = recompute.bn_relu_conv(z, bn, conv, True, recomputed)
         loss = tf.reduce_sum(y * tf.sin(y))
     grads = tape.gradient(loss, [z, *variables])
     return [y, *grads, bn.moving_mean, bn.moving_variance]
@@ -67,28 +77,11 @@ def test_conv_bn_matches_tf_own_shortcut(stride, monkeypatch):
     # TF's own conv gradient, against the path that recomputes the conv.
     x = tf.random.stateless_normal((4, 8, 8, 5), seed=(1, 2)) + 0.5
     calls = _counted_backward(monkeypatch)
-    results = []
-    for backward, recomputed in (("auto", True), ("tf", False)):
-        bn = layers.batch_norm(0.9, global_bn=False)
-        conv = layers.Conv2DFixedPadding(6, 1, stride, backward=backward)
-        bn.build((None, 8, 8, 6))
-        conv.build((None, 8, 8, 5))
-        bn.gamma.assign(tf.linspace(0.5, 1.5, 6))
-        bn.beta.assign(tf.linspace(-0.3, 0.3, 6))
-        conv.kernel.assign(
-            tf.random.stateless_normal(conv.kernel.shape, seed=(3, 4))
-        )
-        variables = [bn.gamma, bn.beta, conv.kernel]
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = recompute.conv_bn(x, conv, bn, True, recomputed)
-            loss = tf.reduce_sum(y * tf.sin(y))
-        grads = tape.gradient(loss, [x, *variables])
-        results.append([y, *grads, bn.moving_mean, bn.moving_variance])
-        if recomputed:
-            assert calls, "the recomputing path was not taken"
-    assert results[0][0].shape == (4, 8 // stride, 8 // stride, 6)
-    for a, b in zip(*results, strict=True):
+    got = _run(x, stride, "auto", True, shortcut=True)
+    assert calls, "the recomputing path was not taken"
+    want = _run(x, stride, "tf", False, shortcut=True)
+    assert got[0].shape == (4, 8 // stride, 8 // stride, 6)
+    for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(
             np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4
         )
