@@ -24,8 +24,9 @@ scikit-learn and SciPy (0.7 s and about 60 MiB of resident memory on a
 packages (`OPTIONAL_KERAS_DEPENDENCIES`) from that first import (Keras
 then defines its helpers as when they are not installed, so
 `keras.visualization`'s plots would ask for matplotlib in such a
-process); a later `import sklearn` or `import matplotlib` (logistic
--regression evaluation, the quickstart's data, `scripts/plot_run.py`)
+process); a later `import sklearn` or `import matplotlib` (the
+logistic-regression evaluation, the quickstart's data,
+`scripts/plot_run.py`)
 works as usual.
 """
 

@@ -492,7 +492,9 @@ class Stem(keras.layers.Layer):
             input_shape = (None, None, None, conv.filters)
             build_once(bn, input_shape)
 
-    def call(self, inputs, training=None, activate=True):
+    def call(
+        self, inputs, training=None, activate=True
+    ) -> dict[str, tf.Tensor]:
         """The endpoints; without `activate` only `initial_conv` (the
         caller applies the last BN-ReLU)."""
         x = inputs
