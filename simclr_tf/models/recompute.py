@@ -73,10 +73,13 @@ def bn_relu_branches(
         y, mean, variance = fused_batch_norm(z, scale, offset, bn.epsilon)
         return tf.nn.relu(y), [mean, variance]
 
-    def branch(a, kernel, norm, conv, post):
-        c = conv_grad.conv2d_forward(
+    def conv_forward(a, kernel, conv):
+        return conv_grad.conv2d_forward(
             a, kernel, conv.strides[0], conv.conv_pads()
         )
+
+    def branch(a, kernel, norm, conv, post):
+        c = conv_forward(a, kernel, conv)
         if post is None:
             return c, []
         y, mean, variance = fused_batch_norm(c, *norm, post.epsilon)
@@ -128,9 +131,7 @@ def bn_relu_branches(
                 dnorm = []
                 if post is not None:
                     with tf.control_dependencies([dy]):
-                        c = conv_grad.conv2d_forward(
-                            a, kernel, conv.strides[0], conv.conv_pads()
-                        )
+                        c = conv_forward(a, kernel, conv)
                     with tf.GradientTape() as post_tape:
                         post_tape.watch([c, *norm])
                         y = fused_batch_norm(c, *norm, post.epsilon)[0]
