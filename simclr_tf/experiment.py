@@ -158,11 +158,12 @@ def check_teacher(config: config_lib.Config, info: sources.DatasetInfo) -> None:
     """
     if config.train.train_mode != "distill":
         return
-    if config.train.distill_alpha < 1.0 and not info.labelled:
-        raise config_lib.ConfigError(
-            f"Received: distill_alpha={config.train.distill_alpha} on "
-            f"{config.data.dataset!r}, which has no labels. The labelled "
-            "term needs labels: use --distill_alpha=1 or a labelled dataset."
+    if config.train.distill_alpha < 1.0:
+        info.require_labels(
+            config.data.dataset,
+            f"distill_alpha={config.train.distill_alpha}",
+            "The labelled term needs labels: use --distill_alpha=1 or a "
+            "labelled dataset.",
         )
     teacher_lib.check(config.train.teacher, info.num_classes)
 

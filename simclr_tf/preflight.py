@@ -157,11 +157,12 @@ def check_labels_for_finetune(
     Raises:
       DatasetError: train_mode=finetune on unlabelled data.
     """
-    if config.train.train_mode == "finetune" and not info.labelled:
-        raise sources.DatasetError(
-            f"Received: train_mode=finetune on {config.data.dataset!r}, "
-            "which has no labels. Fine-tune on a labelled dataset (class "
-            "subfolders) or use --train_mode=pretrain."
+    if config.train.train_mode == "finetune":
+        info.require_labels(
+            config.data.dataset,
+            "train_mode=finetune",
+            "Fine-tune on a labelled dataset (class subfolders) or use "
+            "--train_mode=pretrain.",
         )
 
 
@@ -176,12 +177,12 @@ def check_eval_data(config: config_lib.Config, source: sources.Source) -> None:
     if mode == "train":
         return
     split, name = data.eval_split, data.dataset
-    if not source.info.labelled:
-        raise sources.DatasetError(
-            f"Received: mode={mode} on {name!r}, which has no labels: "
-            "evaluation (linear head, kNN) needs classes (one subfolder per "
-            "class). Use --mode=train to pretrain only."
-        )
+    source.info.require_labels(
+        name,
+        f"mode={mode}",
+        "Evaluation (linear head, kNN) needs classes (one subfolder per "
+        "class): use --mode=train to pretrain only.",
+    )
     # Raises, saying how to make the split, when the source lacks it.
     records = source.records(split)
     if source.info.num_eval_examples == 0:

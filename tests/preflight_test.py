@@ -163,6 +163,15 @@ def test_model_dir_mismatch_names_the_field(tmp_path, ours, info, fragment):
     )
 
 
+def test_require_labels_message_and_labelled_data():
+    _info(3).require_labels("d", "train_mode=finetune", "Fix.")  # No error.
+    with pytest.raises(sources.DatasetError) as e:
+        _info(None).require_labels("d", "train_mode=finetune", "Fix.")
+    assert str(e.value) == (
+        "Received: train_mode=finetune on 'd', which has no labels. Fix."
+    )
+
+
 def test_model_dir_without_checkpoints_is_not_checked(tmp_path):
     theirs = config_lib.Config(
         train=config_lib.TrainConfig(model_dir=str(tmp_path))

@@ -150,11 +150,11 @@ def build_dataset(
     split = split or (data.train_split if is_training else data.eval_split)
     if need_labels is None:
         need_labels = not pretrain
-    if is_training and need_labels and not source.info.labelled:
-        raise DatasetError(
-            f"Received: train_mode=finetune on {source.name!r}, which has "
-            "no labels. Use class subfolders (or a labelled TFDS dataset), "
-            "or --train_mode=pretrain."
+    if is_training and need_labels:
+        source.info.require_labels(
+            source.name,
+            "a supervised training pipeline",
+            "Use class subfolders (or a labelled TFDS dataset), or pretrain.",
         )
     pid = input_context.input_pipeline_id if input_context else 0
     seeds = _seed_sequence(data, pid).generate_state(3)

@@ -66,6 +66,24 @@ class DatasetInfo:
         """Whether examples have class labels (`num_classes` is known)."""
         return self.num_classes is not None
 
+    def require_labels(self, dataset: str, received: str, fix: str) -> None:
+        """Refuses unlabelled data for what needs labels.
+
+        Args:
+          dataset: the dataset's name, for the message.
+          received: what needs the labels, e.g. "train_mode=finetune".
+          fix: the message's last sentence: how to go on.
+
+        Raises:
+          DatasetError: "Received: <received> on <dataset>, which has no
+            labels. <fix>", when `labelled` is False.
+        """
+        if not self.labelled:
+            raise DatasetError(
+                f"Received: {received} on {dataset!r}, which has no "
+                f"labels. {fix}"
+            )
+
 
 def decode_image(encoded: tf.Tensor) -> tf.Tensor:
     """Encoded JPEG/PNG/BMP/GIF bytes -> (H, W, 3) uint8 (GIF: 1st frame;

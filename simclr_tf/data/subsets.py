@@ -88,13 +88,12 @@ class LabelFractionSource(sources.Source):
     """
 
     def __init__(self, source: sources.Source, data: config_lib.DataConfig):
-        if not source.info.labelled:
-            raise sources.DatasetError(
-                f"Received: label_fraction={data.label_fraction} on "
-                f"{source.name!r}, which has no labels. Use a labelled "
-                "source (class subfolders, a labelled TFDS dataset) or "
-                "--label_fraction=1."
-            )
+        source.info.require_labels(
+            source.name,
+            f"label_fraction={data.label_fraction}",
+            "Use a labelled source (class subfolders, a labelled TFDS "
+            "dataset) or --label_fraction=1.",
+        )
         self.name = source.name
         self._source = source
         self._split = data.train_split

@@ -73,10 +73,11 @@ def build_model(
     finetune = t.train_mode == "finetune"
     pretrain = t.train_mode == "pretrain"
     if not pretrain and num_classes is None:
+        # Runs refuse unlabelled data before this (preflight); a caller
+        # must pass the dataset's (or the teacher's) classes.
         raise ValueError(
-            f"Received: train_mode={t.train_mode} on dataset "
-            f"{config.data.dataset!r}, which has no labels. Fine-tune on a "
-            "labelled dataset or use --train_mode=pretrain."
+            f"Received: num_classes=None with train_mode={t.train_mode}, "
+            "whose supervised head needs the number of classes."
         )
     bn = dict(batch_norm_decay=m.batch_norm_decay, global_bn=m.global_bn)
     encoder = resnet.ResNet(
