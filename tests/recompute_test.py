@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclr_tf.models import conv_grad, layers, recompute, resnet
+from simclr_tf.models import blocks, conv_grad, layers, recompute, resnet
 from tests.helpers import two_replica_strategy
 
 
@@ -100,13 +100,13 @@ def test_bn_relu_conv_is_the_plain_chain_when_not_fused():
 def test_resnet_gradients_match_tf_own(depth, monkeypatch):
     # Block 1 applies the CIFAR stem's BN-ReLU itself on the fast path.
     input_bns = []
-    branches_fn = resnet.bn_relu_branches
+    branches_fn = blocks.bn_relu_branches
 
     def spied(z, bn, *args):
         input_bns.append(bn)
         return branches_fn(z, bn, *args)
 
-    monkeypatch.setattr(resnet, "bn_relu_branches", spied)
+    monkeypatch.setattr(blocks, "bn_relu_branches", spied)
     kwargs = dict(depth=depth, cifar_stem=True, base_width=8, global_bn=False)
     fast = resnet.ResNet(conv_backward="auto", recompute_bn_relu=True, **kwargs)
     plain = resnet.ResNet(conv_backward="tf", recompute_bn_relu=False, **kwargs)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclr_tf.models import layers, resnet
+from simclr_tf.models import blocks, layers, resnet
 from tests.helpers import two_replica_strategy
 
 EPS = 1e-5  # SPEC.md §3
@@ -314,7 +314,7 @@ def test_squeeze_excitation_matches_numpy():
 
 
 def test_basic_block_matches_numpy():
-    block = resnet.BasicBlock(
+    block = blocks.BasicBlock(
         4, 2, use_projection=True, global_bn=False, name="b"
     )
     block.build((None, None, None, 3))
@@ -333,7 +333,7 @@ def test_basic_block_matches_numpy():
 
 def test_bottleneck_resnet_d_shortcut_matches_numpy():
     # sk_ratio > 0: 2x2 average pool (pad 0 before / 1 after), 1x1 conv.
-    block = resnet.BottleneckBlock(
+    block = blocks.BottleneckBlock(
         2, 2, use_projection=True, sk_ratio=0.0625, global_bn=False
     )
     block.build((None, None, None, 3))
@@ -387,7 +387,7 @@ def test_batch_norm_settings(depth, global_bn, last_bn):
 
 def test_blocks_start_as_identity_of_shortcut():
     # gamma = 0 in the last BN: a fresh block outputs relu(shortcut(x)).
-    block = resnet.BasicBlock(3, 1, global_bn=False)
+    block = blocks.BasicBlock(3, 1, global_bn=False)
     x = np.random.default_rng(11).normal(size=(2, 4, 4, 3)).astype("float32")
     np.testing.assert_allclose(
         block(x, training=True), np.maximum(x, 0), atol=1e-6
@@ -483,9 +483,9 @@ def test_checkpoint_tracks_every_variable(tmp_path):
         layers.Conv2DFixedPadding(8, 7, 2),
         layers.SelectiveKernelConv(8, 2, 0.0625, 0.95, False),
         layers.SqueezeExcitation(8, 2),
-        resnet.BasicBlock(8, 2, use_projection=True, sk_ratio=0.0625),
-        resnet.BottleneckBlock(8, 1, use_projection=True, se_ratio=0.25),
-        resnet.BlockGroup(8, "bottleneck", 2, 2, 0.0625, 0.0, 0.9, False),
+        blocks.BasicBlock(8, 2, use_projection=True, sk_ratio=0.0625),
+        blocks.BottleneckBlock(8, 1, use_projection=True, se_ratio=0.25),
+        blocks.BlockGroup(8, "bottleneck", 2, 2, 0.0625, 0.0, 0.9, False),
         resnet.Stem(2, False, 0.0625, 0.95, False),
     ],
     ids=lambda layer: type(layer).__name__,

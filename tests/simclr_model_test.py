@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclr_tf.models import heads, resnet, simclr_model
+from simclr_tf.models import blocks, heads, resnet, simclr_model
 from tests import helpers
 
 SIZE = 16
@@ -255,13 +255,13 @@ def test_synchronized_bn_block_two_replicas():
     # Fast check on one block: 2 replicas x 2 images == 1 replica x 4.
     x = tf.random.stateless_normal((4, 6, 6, 3), seed=(7, 1))
     kwargs = dict(strides=2, use_projection=True)
-    reference = resnet.BasicBlock(4, global_bn=False, **kwargs)
+    reference = blocks.BasicBlock(4, global_bn=False, **kwargs)
     reference.build(x.shape)
     strategy = two_replicas()
     with strategy.scope():
-        block = resnet.BasicBlock(4, global_bn=True, **kwargs)
+        block = blocks.BasicBlock(4, global_bn=True, **kwargs)
         block.build(x.shape)
-        unsynced = resnet.BasicBlock(4, global_bn=False, **kwargs)
+        unsynced = blocks.BasicBlock(4, global_bn=False, **kwargs)
         unsynced.build(x.shape)
     rng = np.random.default_rng(8)
     weights = [rng.normal(size=w.shape) for w in reference.get_weights()]
