@@ -29,14 +29,19 @@ time are its own) and:
    average at start and end;
 3. then, after the run's own work (so that neither is in the launch time
    nor its buffers in the peak RSS), measures a dense float32 matmul's
-   FLOP/s (2048 x 2048, best of a few seconds): the machine is shared,
-   so the achieved FLOP/s is reported as a fraction of this
-   same-process, same-minute figure, never against a number taken at
-   another time; and counts the model's forward FLOPs per two-view image
-   from the graph of a concrete function (TF profiler `float_ops`:
-   Conv2D, MatMul, BiasAdd and elementwise ops, 2 FLOPs per
-   multiply-add); training FLOPs are forward x 3 (the backward pass
-   computes two products per forward product);
+   FLOP/s (2048 x 2048, best of a few seconds), and in a bfloat16 run
+   also the bfloat16 matmul's: the machine is shared, so the achieved
+   FLOP/s is reported as a fraction of these same-process, same-minute
+   figures, never against a number taken at another time; and counts
+   the model's forward FLOPs per two-view image from the graph of a
+   concrete function (TF profiler `float_ops`: Conv2D, MatMul, BiasAdd
+   and elementwise ops, 2 FLOPs per multiply-add); training FLOPs are
+   forward x 3 (the backward pass computes two products per forward
+   product). "Useful" FLOPs leave out the convolutions' products with
+   their zero padding; useful FLOP/s over the matmul in the run's
+   compute dtype is how close the step comes to the CPU's GEMM rate
+   (`images/s / that fraction` would be the images/s if every needed
+   product ran at it);
 4. then runs `--profile_steps` more steps under the TF profiler and
    reports the op time per step by op type (`top_ops`): where the compute
    goes. Compare with `pipeline_only` and `*_nopipe` for the input side.
@@ -87,8 +92,10 @@ PRESETS = {
 }
 
 
-def matmul_flops_per_s(n: int = 2048, seconds: float = 2.0) -> float:
-    """Dense float32 matmul throughput of this process, in FLOP/s.
+def matmul_flops_per_s(
+    n: int = 2048, seconds: float = 2.0, dtype: str = "float32"
+) -> float:
+    """Dense matmul throughput of this process, in FLOP/s.
 
     Runs chained `n x n` matmuls (2 n^3 FLOPs each) in a `tf.function`
     for about `seconds` and returns the best of the timed calls: a
@@ -97,21 +104,22 @@ def matmul_flops_per_s(n: int = 2048, seconds: float = 2.0) -> float:
     Args:
       n: matrix side.
       seconds: approximate time to spend.
+      dtype: the matrices' dtype ("bfloat16": oneDNN's bf16 GEMM).
 
     Returns:
       FLOP/s of the fastest call.
     """
     import tensorflow as tf
 
-    a = tf.random.uniform((n, n), dtype=tf.float32)
-    b = tf.random.uniform((n, n), dtype=tf.float32) / n
+    a = tf.cast(tf.random.uniform((n, n)), dtype)
+    b = tf.cast(tf.random.uniform((n, n)) / n, dtype)
     reps = 4
 
     @tf.function
     def run(x):
         for _ in range(reps):
             x = tf.matmul(x, b)
-        return tf.reduce_sum(x)
+        return tf.reduce_sum(tf.cast(x, tf.float32))
 
     run(a).numpy()  # Trace and warm up.
     best = float("inf")
@@ -125,19 +133,61 @@ def matmul_flops_per_s(n: int = 2048, seconds: float = 2.0) -> float:
     return 2.0 * n**3 * reps / best
 
 
-def count_graph_flops(fn, *specs) -> int:
+def _conv_padding_flops(op) -> int:
+    """FLOPs a Conv2D op (NHWC) spends on zero padding: its SAME or
+    EXPLICIT padding, or a VALID conv of a zero `tf.pad` output."""
+    import tensorflow as tf
+
+    x, kernel = op.inputs[0], op.inputs[1]
+    sizes = x.shape[1:3]
+    outs = op.outputs[0].shape[1:3]
+    taps = kernel.shape[0:2]
+    strides = op.get_attr("strides")[1:3]
+    padding = op.get_attr("padding").decode()
+    if padding == "SAME":
+        befores = [
+            max((outs[a] - 1) * strides[a] + taps[a] - sizes[a], 0) // 2
+            for a in (0, 1)
+        ]
+    elif padding == "EXPLICIT":
+        befores = op.get_attr("explicit_paddings")[2:6:2]
+    elif x.op.type == "Pad":  # VALID on tf.pad's (zero) output.
+        befores = tf.get_static_value(x.op.inputs[1])[1:3, 0]
+        sizes = x.op.inputs[0].shape[1:3]
+    else:
+        return 0
+    # Per axis, the (output, tap) pairs whose input is not padding.
+    pairs = [
+        sum(
+            0 <= strides[a] * o + t - befores[a] < sizes[a]
+            for o in range(outs[a])
+            for t in range(taps[a])
+        )
+        for a in (0, 1)
+    ]
+    dense = outs[0] * taps[0] * outs[1] * taps[1]
+    c_in, c_out = kernel.shape[2:4]
+    return 2 * x.shape[0] * (dense - pairs[0] * pairs[1]) * c_in * c_out
+
+
+def count_graph_flops(fn, *specs) -> tuple[int, int]:
     """FLOPs of one call of `fn`, counted on its traced graph.
 
     Uses the TF profiler's registered per-op statistics (Conv2D and MatMul
     count 2 per multiply-add; BiasAdd, Add, Mul, ... one per element).
     Ops without a registered count (batch norm, pooling, ...) add nothing.
+    The profiler counts a convolution densely, products with its zero
+    padding included; the second number counts those products, which an
+    implementation need not compute (oneDNN's forward convolutions skip
+    them).
 
     Args:
       fn: a Python callable of tensors.
       *specs: `tf.TensorSpec`s of its arguments, fully defined.
 
     Returns:
-      The total float operations of the graph.
+      (the total float operations of the graph, of which on the Conv2D
+      ops' zero padding).
     """
     import tensorflow as tf
 
@@ -147,7 +197,12 @@ def count_graph_flops(fn, *specs) -> int:
     info = tf.compat.v1.profiler.profile(
         graph=concrete.graph, run_meta=None, cmd="op", options=opts
     )
-    return int(info.total_float_ops)
+    padding = sum(
+        _conv_padding_flops(op)
+        for op in concrete.graph.get_operations()
+        if op.type == "Conv2D"
+    )
+    return int(info.total_float_ops), padding
 
 
 def top_ops(logdir: str, steps: int, k: int = 8) -> list[dict]:
@@ -426,11 +481,18 @@ def run_worker(
     # The benchmark's own measurements, after the run's (a run does
     # neither, and their buffers would stay in the peak RSS).
     matmul = matmul_flops_per_s(settings.matmul_n, settings.matmul_seconds)
-    forward = count_graph_flops(
+    compute_dtype = model.dtype_policy.compute_dtype
+    compute_matmul = matmul
+    if compute_dtype != "float32":
+        compute_matmul = matmul_flops_per_s(
+            settings.matmul_n, settings.matmul_seconds, compute_dtype
+        )
+    forward, padding = count_graph_flops(
         lambda x: model(x, training=False),
         tf.TensorSpec((1, size, size, 3 * model.num_views), tf.float32),
     )
     train_flops = 3 * forward  # Per two-view image: forward + backward.
+    useful_flops = 3 * (forward - padding)
     images_per_s = statistics.median(timed["rates"])
     ops = []
     if settings.profile_steps > 0:  # After the timing and the peak RSS.
@@ -461,6 +523,12 @@ def run_worker(
         achieved_gflops_per_s=round(images_per_s * train_flops / 1e9, 1),
         matmul_gflops_per_s=round(matmul / 1e9, 1),
         fraction_of_matmul=round(images_per_s * train_flops / matmul, 3),
+        compute_dtype=compute_dtype,
+        useful_train_gflops_per_image=round(useful_flops / 1e9, 3),
+        compute_matmul_gflops_per_s=round(compute_matmul / 1e9, 1),
+        useful_fraction_of_compute_matmul=round(
+            images_per_s * useful_flops / compute_matmul, 3
+        ),
         top_ops=ops,
         loss_first=round(timed["loss_first"], 4),
         loss_last=round(timed["loss_last"], 4),
@@ -660,6 +728,9 @@ TABLE_COLUMNS = (
     ("GFLOP/s", "achieved_gflops_per_s", "{:.0f}"),
     ("matmul GFLOP/s", "matmul_gflops_per_s", "{:.0f}"),
     ("of matmul", "fraction_of_matmul", "{:.0%}"),
+    ("useful GFLOPs/image", "useful_train_gflops_per_image", "{:.2f}"),
+    ("compute-dtype matmul GFLOP/s", "compute_matmul_gflops_per_s", "{:.0f}"),
+    ("useful of it", "useful_fraction_of_compute_matmul", "{:.0%}"),
     ("load avg", "load_avg_1min_start_end", "{0[0]:.1f}-{0[1]:.1f}"),
 )
 

@@ -38,7 +38,9 @@ def test_count_graph_flops_tiny_conv_net():
         return dense(tf.reduce_mean(conv(x), axis=[1, 2]))
 
     fn(tf.zeros((2, 8, 8, 3)))  # Build.
-    flops = benchmark.count_graph_flops(fn, tf.TensorSpec((2, 8, 8, 3)))
+    flops, padding = benchmark.count_graph_flops(
+        fn, tf.TensorSpec((2, 8, 8, 3))
+    )
     # 2 FLOPs per multiply-add. Conv: 2 images x 8x8 outputs x 4 filters x
     # (3x3x3) taps; dense: 2 x 4 x 5. The mean over 2x8x8x4 elements:
     # 64 - 1 adds + 1 divide per output (TF profiler's reduction count).
@@ -46,6 +48,54 @@ def test_count_graph_flops_tiny_conv_net():
     dense_flops = 2 * (2 * 4 * 5)
     mean_flops = 2 * 4 * (8 * 8 - 1 + 1)
     assert flops == conv_flops + dense_flops + mean_flops
+    # Along each axis 8 outputs x 3 taps = 24 pairs, of which the first
+    # output's left tap and the last one's right tap read padding: 22.
+    assert padding == 2 * 2 * (24 * 24 - 22 * 22) * 3 * 4
+
+
+@pytest.mark.parametrize(
+    "pad_with, stride, size, expected_pairs",
+    [
+        # 3x3 on 5x5, stride 2, (1, 1) zeros: outputs 0..2 read input rows
+        # 2o-1..2o+1; row -1 (o=0) and row 5 (o=2) are padding: 9 - 2.
+        ("tf.pad", 2, 5, 7),
+        ("explicit", 2, 5, 7),
+        # SAME, stride 2 on 6x6: 3 outputs, TF pads (0, 1): only o=2's
+        # last tap (row 6) is padding.
+        ("same", 2, 6, 8),
+    ],
+)
+def test_conv_padding_flops_counts_the_products_with_zeros(
+    pad_with, stride, size, expected_pairs
+):
+    kernel = tf.ones((3, 3, 2, 5))
+
+    def fn(x):
+        if pad_with == "tf.pad":
+            x = tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]])
+            return tf.nn.conv2d(x, kernel, stride, "VALID")
+        if pad_with == "explicit":
+            pads = [[0, 0], [1, 1], [1, 1], [0, 0]]
+            return tf.nn.conv2d(x, kernel, stride, pads)
+        return tf.nn.conv2d(x, kernel, stride, "SAME")
+
+    _, padding = benchmark.count_graph_flops(
+        fn, tf.TensorSpec((3, size, size, 2))
+    )
+    # 3 outputs x 3 taps = 9 pairs per axis; 3 images, 2 -> 5 channels.
+    assert padding == 2 * 3 * (9 * 9 - expected_pairs**2) * 2 * 5
+
+
+def test_a_valid_conv_of_real_data_has_no_padding_flops():
+    kernel = tf.ones((3, 3, 2, 5))
+
+    def fn(x):
+        return tf.nn.conv2d(x, kernel, 1, "VALID")
+
+    flops, padding = benchmark.count_graph_flops(
+        fn, tf.TensorSpec((1, 6, 6, 2))
+    )
+    assert padding == 0 and flops == 2 * 4 * 4 * 9 * 2 * 5
 
 
 def _resnet18_cifar_macs(size: int) -> int:
@@ -63,11 +113,34 @@ def _resnet18_cifar_macs(size: int) -> int:
     return macs
 
 
+def _resnet18_cifar_padding_macs(size: int) -> int:
+    """Multiply-adds of the 3x3 convs of a CIFAR-stem ResNet-18 with their
+    zero padding, one view. Per axis, a stride-1 conv on s positions (one
+    zero each side) has 3s (output, tap) pairs, 2 on padding; the stride-2
+    conv to s positions (tf.pad by one each side) 3s, 1 on padding (the
+    first output's first tap)."""
+
+    def stride_1(s, cin, cout):
+        return (9 * s * s - (3 * s - 2) ** 2) * cin * cout
+
+    macs = stride_1(size, 3, 64)  # Stem.
+    cin = 64
+    for i, cout in enumerate((64, 128, 256, 512)):
+        s = size // 2**i
+        if i == 0:
+            macs += stride_1(s, cin, cout)
+        else:
+            macs += (9 * s * s - (3 * s - 1) ** 2) * cin * cout
+        macs += 3 * stride_1(s, cout, cout)  # The other three 3x3 convs.
+        cin = cout
+    return macs
+
+
 def test_resnet18_forward_flops_match_the_conv_count():
     config = config_lib.from_flat(dict(resnet_depth=18, image_size=32))
     keras.mixed_precision.set_global_policy("float32")
     model = factory.build_model(config, num_classes=10)
-    flops = benchmark.count_graph_flops(
+    flops, padding = benchmark.count_graph_flops(
         lambda x: model(x, training=False), tf.TensorSpec((1, 32, 32, 6))
     )
     convs = 2 * 2 * _resnet18_cifar_macs(32)  # 2 views, 2 FLOPs per MAC.
@@ -75,10 +148,12 @@ def test_resnet18_forward_flops_match_the_conv_count():
     # heads, bias and residual adds are the rest, about 1%.
     assert convs == pytest.approx(2 * 1.112e9, rel=2e-3)
     assert convs <= flops <= 1.02 * convs
+    assert padding == 2 * 2 * _resnet18_cifar_padding_macs(32)
 
 
-def test_matmul_flops_per_s_is_a_plausible_rate():
-    rate = benchmark.matmul_flops_per_s(n=256, seconds=0.2)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_matmul_flops_per_s_is_a_plausible_rate(dtype):
+    rate = benchmark.matmul_flops_per_s(n=256, seconds=0.2, dtype=dtype)
     # Between 0.1 GFLOP/s (far slower than any CPU) and 100 TFLOP/s.
     assert 1e8 < rate < 1e14
 
@@ -95,6 +170,9 @@ def test_format_table_rows():
         achieved_gflops_per_s=592.4,
         matmul_gflops_per_s=470.2,
         fraction_of_matmul=1.26,
+        useful_train_gflops_per_image=5.89,
+        compute_matmul_gflops_per_s=419.4,
+        useful_fraction_of_compute_matmul=0.745,
         load_avg_1min_start_end=[1.04, 2.5],
     )
     lines = benchmark.format_table([row]).splitlines()
@@ -103,7 +181,7 @@ def test_format_table_rows():
     )
     assert lines[2] == (
         "| bf16 | 88.0 | 12.3 | 19.0 | 2.35 | 1.23 | 6.73 | 592 | 470 | 126% "
-        "| 1.0-2.5 |"
+        "| 5.89 | 419 | 74% | 1.0-2.5 |"
     )
 
 
@@ -213,6 +291,16 @@ def test_two_step_run_prints_json_and_table(tmp_path):
     assert convs <= result["forward_gflops_per_image"] * 1e9 <= 1.02 * convs
     assert result["train_gflops_per_image"] == pytest.approx(
         3 * result["forward_gflops_per_image"], rel=1e-3
+    )
+    # The padding products of the 3x3 convs (16x16 input), three passes.
+    padding = 3 * 2 * 2 * _resnet18_cifar_padding_macs(16) / 1e9
+    assert result["useful_train_gflops_per_image"] == pytest.approx(
+        result["train_gflops_per_image"] - padding, abs=2e-3
+    )
+    # A float32 run compares with the float32 matmul it measured.
+    assert result["compute_dtype"] == "float32"
+    assert (
+        result["compute_matmul_gflops_per_s"] == (result["matmul_gflops_per_s"])
     )
     assert "| float32 |" in proc.stdout
     # The profiled steps (--profile_steps, default 2) found the convolution
