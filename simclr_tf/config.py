@@ -593,8 +593,9 @@ class RuntimeConfig:
         "How the encoder's conv gradients are computed (same values): tf is "
         "TensorFlow's own conv gradient; auto recomputes strided convs' "
         "padding in the backward pass and computes kernel gradients on small "
-        "3x3 maps as one matmul per kernel tap where that is faster "
-        "(bfloat16; strided in float32); matmul does so everywhere.",
+        "3x3 maps as one matmul per kernel tap, without the products with "
+        "the padding, where that is faster (bfloat16; in float32 strided "
+        "or 4x4); matmul does so everywhere.",
         CONV_BACKWARDS,
     )
     recompute_bn_relu: bool = _field(

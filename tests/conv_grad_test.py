@@ -14,6 +14,8 @@ CASES = [
     (8, 1, 2, (0, 0)),  # 1x1 projection shortcut.
     (9, 7, 2, (3, 3)),  # ImageNet stem.
     (5, 1, 1, (0, 0)),
+    (6, 2, 1, (0, 1)),  # Even kernels pad less before than after.
+    (5, 4, 2, (1, 2)),
 ]
 
 
@@ -138,9 +140,12 @@ def test_auto_picks_matmul_only_for_small_3x3_maps():
     assert not pick(3, 2, (None, 32, 32, 64))
     assert not pick(1, 1, (None, 4, 4, 512))
     assert not pick(3, 1, (None, None, None, 512))
-    # float32: oneDNN's SAME gradient wins at stride 1, matmuls strided.
-    assert not pick(3, 1, (None, 4, 4, 512), tf.float32)
+    # float32: oneDNN's SAME gradient wins at stride 1 above 4x4, matmuls
+    # strided.
+    assert pick(3, 1, (None, 4, 4, 512), tf.float32)
+    assert not pick(3, 1, (None, 8, 8, 256), tf.float32)
     assert pick(3, 2, (None, 8, 8, 256), tf.float32)
+    assert pick(3, 2, (None, 16, 16, 128), tf.float32)
     assert pick(3, 1, (None, 4, 4, 512), tf.float16)
 
 

@@ -10,7 +10,10 @@ gradient is a sum over the k*k kernel taps of one matmul each,
                x_padded[n, s*h + i, s*w + j]   (M x C_in and M x C_out,
                                                 M = N * H_out * W_out),
 
-which oneDNN's matmul runs at about twice the speed there. `conv2d` is
+which oneDNN's matmul runs at about twice the speed there; restricted to
+the outputs whose tap reads real input (the rows and columns of dy that
+meet padding add nothing), each matmul skips the padding's products.
+`conv2d` is
 the forward convolution with that kernel gradient (the input gradient is
 TF's own); `Conv2DFixedPadding` uses it where it was measured faster.
 `conv2d` also keeps only the unpadded input of a padded (strided)
@@ -32,73 +35,96 @@ BACKWARDS = config_lib.CONV_BACKWARDS
 # `auto` uses the matmul kernel gradient for 3x3 convolutions whose output
 # has at most this many positions per image (a CIFAR ResNet's block groups
 # 3 and 4: 8x8 and 4x4), in bfloat16/float16 and for strided ones in
-# float32. Measured per conv at batch 512 on a 2-core AVX512-BF16 CPU,
-# oneDNN time / matmul time: bfloat16 4x4 stride 1 1.7-2.2 (against
-# oneDNN's SAME-padded gradient), 8x8 stride 1 1.1-1.4, stride 2 to 4x4
-# 2.4-3.0 and to 8x8 1.3-1.5, but 16x16 stride 1 0.6 and stride 2 to
-# 16x16 0.9; float32 stride 1: 0.76 at 8x8 and 0.9 at 4x4 (oneDNN's SAME
-# gradient wins), strided 1.15-1.25. 1x1 convolutions stay with oneDNN
+# float32; stride-1 ones in float32 only up to
+# `AUTO_FLOAT32_MAX_OUTPUT_POSITIONS` (4x4). Measured per conv at batch 512
+# on a 2-core AVX512-BF16 CPU, oneDNN time / matmul time: bfloat16
+# stride 1 4x4 2.8 (against oneDNN's SAME-padded gradient), 8x8 1.24,
+# 16x16 0.73; stride 2 to 4x4 3.3, to 8x8 1.4, to 16x16 0.84; float32
+# stride 1 4x4 1.26-1.33, 8x8 0.79-0.83 (oneDNN's SAME gradient wins),
+# stride 2 to 4x4 1.45, to 8x8 0.99. 1x1 convolutions stay with oneDNN
 # (0.7).
 AUTO_MAX_OUTPUT_POSITIONS = 64
+AUTO_FLOAT32_MAX_OUTPUT_POSITIONS = 16
 
 
-def _tap_source(x_padded: tf.Tensor, stride: int) -> tf.Tensor:
-    """What `_tap` slices: x, or its stride x stride phases."""
+def _phases(x: tf.Tensor, stride: int) -> tf.Tensor:
+    """x, or its stride x stride phases: x[:, s*h + r, s*w + q] is
+    phases[r, q, :, h, w]."""
     if stride == 1:
-        return x_padded
-    # Phase-split once, x[s*h + i] = phases[i % s][h + i // s], so that
-    # each tap is a contiguous window (strided slices copy slowly on CPU).
-    _, h, w, c = x_padded.shape
+        return x
+    # Phase-split once so that each tap's window is a contiguous slice
+    # (strided slices copy slowly on CPU).
+    _, h, w, c = x.shape
     extra_h, extra_w = -h % stride, -w % stride
     if extra_h or extra_w:
-        x_padded = tf.pad(
-            x_padded, [[0, 0], [0, extra_h], [0, extra_w], [0, 0]]
-        )
+        x = tf.pad(x, [[0, 0], [0, extra_h], [0, extra_w], [0, 0]])
     h, w = h + extra_h, w + extra_w
-    phases = tf.reshape(
-        x_padded, [-1, h // stride, stride, w // stride, stride, c]
-    )
+    phases = tf.reshape(x, [-1, h // stride, stride, w // stride, stride, c])
     return tf.transpose(phases, [2, 4, 0, 1, 3, 5])
 
 
-def _tap(source, i: int, j: int, stride: int, out_h: int, out_w: int):
-    """The (N, out_h, out_w, C) input window that kernel tap (i, j) sees."""
-    if stride == 1:
-        return source[:, i : i + out_h, j : j + out_w, :]
-    a, b = i // stride, j // stride
-    tap = source[i % stride, j % stride, :, a : a + out_h]
-    return tap[:, :, b : b + out_w, :]
+def _tap_range(tap: int, size: int, out: int, stride: int, before: int):
+    """Along one axis: the outputs [lo, hi) whose input for kernel tap `tap`
+    is real (not padding), and that input's phase and offset: output o
+    reads input s*o + t = s*(o + shift) + phase, t = tap - before."""
+    t = tap - before
+    lo = max(0, -(t // stride))
+    hi = min(out, (size - 1 - t) // stride + 1)
+    return lo, hi, t % stride, t // stride
 
 
 def matmul_weight_grad(
-    x_padded: tf.Tensor, dy: tf.Tensor, k: int, stride: int
+    x: tf.Tensor, dy: tf.Tensor, k: int, stride: int, pad_before: int
 ) -> tf.Tensor:
-    """Gradient of a VALID k x k convolution's kernel, as k*k matmuls.
+    """Gradient of a padded k x k convolution's kernel, as k*k matmuls.
+
+    Each tap's matmul covers only the outputs whose input is real, so no
+    product with the zero padding is computed (31 % of the products of a
+    3x3 conv at 4x4, 16 % at 8x8), and no padded copy of `x` is made.
 
     Inside a `tf.function` the window copies wait for `dy` and for the
     previous tap's matmul: left free, the executor would make them as soon
-    as `x_padded` exists (all of them, in the forward pass).
+    as `x` exists (all of them, in the forward pass).
 
     Args:
-      x_padded: (N, H, W, C_in) input, already padded (static shape).
+      x: (N, H, W, C_in) unpadded input (static shape).
       dy: (N, H_out, W_out, C_out) gradient of the output (static shape).
       k: kernel size.
       stride: stride.
+      pad_before: zeros before the input along H and along W (those after
+        follow from the output's size).
 
     Returns:
       (k, k, C_in, C_out) kernel gradient in `dy`'s dtype.
     """
-    c_in, (_, out_h, out_w, c_out) = x_padded.shape[-1], dy.shape
-    flat_dy = tf.reshape(dy, [-1, c_out])
+    _, height, width, c_in = x.shape
+    _, out_h, out_w, c_out = dy.shape
     with tf.control_dependencies([dy]):
-        source = _tap_source(x_padded, stride)
-    grads = [flat_dy]
+        source = _phases(x, stride)
+    grads = [dy]
     for i in range(k):
+        h_lo, h_hi, h_phase, h_shift = _tap_range(
+            i, height, out_h, stride, pad_before
+        )
         for j in range(k):
+            w_lo, w_hi, w_phase, w_shift = _tap_range(
+                j, width, out_w, stride, pad_before
+            )
             with tf.control_dependencies(grads[-1:]):
-                tap = _tap(source, i, j, stride, out_h, out_w)
-            tap = tf.reshape(tap, [-1, c_in])
-            grads.append(tf.matmul(tap, flat_dy, transpose_a=True))
+                rows = slice(h_lo + h_shift, h_hi + h_shift)
+                cols = slice(w_lo + w_shift, w_hi + w_shift)
+                if stride == 1:
+                    window = source[:, rows, cols, :]
+                else:
+                    window = source[h_phase, w_phase, :, rows][:, :, cols]
+                dy_window = dy[:, h_lo:h_hi, w_lo:w_hi, :]
+            grads.append(
+                tf.matmul(
+                    tf.reshape(window, [-1, c_in]),
+                    tf.reshape(dy_window, [-1, c_out]),
+                    transpose_a=True,
+                )
+            )
     return tf.reshape(tf.stack(grads[1:]), [k, k, c_in, c_out])
 
 
@@ -154,10 +180,7 @@ def conv2d_backward(x, kernel, dy, stride: int, pads, matmul: bool):
         height, width = x.shape[1], x.shape[2]
         dx = dx[:, pads[0] : pads[0] + height, pads[0] : pads[0] + width]
     if matmul:
-        if x_padded is x and any(pads):  # The taps read a padded copy.
-            with tf.control_dependencies([dy]):
-                x_padded = tf.pad(x, _paddings(pads))
-        return dx, matmul_weight_grad(x_padded, dy, k, stride)
+        return dx, matmul_weight_grad(x, dy, k, stride, pads[0])
     dk = tf.raw_ops.Conv2DBackpropFilter(
         input=x_padded,
         filter_sizes=tf.shape(kernel),
@@ -214,15 +237,14 @@ def use_matmul_weight_grad(
     Returns:
       True where it was measured faster: 3x3 with at most
       `AUTO_MAX_OUTPUT_POSITIONS` output positions per image, in 16-bit
-      floats or strided.
+      floats or strided, and stride-1 float32 ones with at most
+      `AUTO_FLOAT32_MAX_OUTPUT_POSITIONS`.
     """
     height, width = tuple(input_shape)[1:3]
     if height is None or width is None:
         return False
     out_positions = -(-height // stride) * -(-width // stride)
-    onednn_same_wins = tf.as_dtype(dtype).size > 2 and stride == 1
-    return (
-        kernel_size == 3
-        and out_positions <= AUTO_MAX_OUTPUT_POSITIONS
-        and not onednn_same_wins
-    )
+    limit = AUTO_MAX_OUTPUT_POSITIONS
+    if tf.as_dtype(dtype).size > 2 and stride == 1:
+        limit = AUTO_FLOAT32_MAX_OUTPUT_POSITIONS  # oneDNN's SAME gradient.
+    return kernel_size == 3 and out_positions <= limit
