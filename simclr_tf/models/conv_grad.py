@@ -13,10 +13,9 @@ gradient is a sum over the k*k kernel taps of one matmul each,
 which oneDNN's matmul runs at about twice the speed there; restricted to
 the outputs whose tap reads real input (the rows and columns of dy that
 meet padding add nothing), each matmul skips the padding's products.
-`conv2d` is
-the forward convolution with that kernel gradient (the input gradient is
-TF's own); `Conv2DFixedPadding` uses it where it was measured faster.
-`conv2d` also keeps only the unpadded input of a padded (strided)
+`conv2d` is the forward convolution with that kernel gradient (the input
+gradient is TF's own); `Conv2DFixedPadding` uses it where it was measured
+faster. `conv2d` also keeps only the unpadded input of a padded (strided)
 convolution for the backward pass, and recomputes the padding there.
 """
 
