@@ -20,14 +20,16 @@ Importing TensorFlow also imports Keras's optional helpers, and with them
 whatever they use that is installed: the scikit-learn wrappers import
 scikit-learn and SciPy (0.7 s and about 60 MiB of resident memory on a
 2-core machine), the image-gallery plots `matplotlib.pyplot` (0.3 s,
-25 MiB), although a run uses neither. `initialize_devices` hides those
-packages (`OPTIONAL_KERAS_DEPENDENCIES`) from that first import (Keras
-then defines its helpers as when they are not installed, so
+25 MiB), and TensorFlow's legacy `tf.compat.v1` Keras imports SciPy for
+its sparse-input checks (0.15 s, 10 MiB), although a run uses none of
+them. `initialize_devices` hides those packages
+(`OPTIONAL_KERAS_DEPENDENCIES`) from that first import (Keras then
+defines its helpers as when they are not installed, so
 `keras.visualization`'s plots would ask for matplotlib in such a
-process); a later `import sklearn` or `import matplotlib` (the
+process, and the legacy Keras takes no SciPy sparse input); a later
+`import sklearn`, `import scipy` or `import matplotlib` (the
 logistic-regression evaluation, the quickstart's data,
-`scripts/plot_run.py`)
-works as usual.
+`scripts/plot_run.py`) works as usual.
 """
 
 from __future__ import annotations
@@ -78,9 +80,10 @@ def stderr_without(pattern: re.Pattern) -> Iterator[None]:
                     os.write(2, line)
 
 
-# What Keras imports at its own import when installed, for helpers that a
-# run does not use (scikit-learn wrappers, image-gallery plots).
-OPTIONAL_KERAS_DEPENDENCIES = ("sklearn", "matplotlib")
+# What Keras (and TensorFlow's legacy Keras) imports at its own import when
+# installed, for helpers that a run does not use (scikit-learn wrappers,
+# image-gallery plots, SciPy sparse inputs).
+OPTIONAL_KERAS_DEPENDENCIES = ("sklearn", "matplotlib", "scipy")
 
 
 @contextlib.contextmanager

@@ -66,14 +66,17 @@ def test_device_probe_prints_no_cuinit_error_without_a_driver():
     assert CUINIT not in result.stderr
 
 
+HIDDEN = ("sklearn", "scipy", "matplotlib")
+
+
 @pytest.mark.slow
-def test_tensorflow_import_leaves_sklearn_and_matplotlib_out_until_asked():
+def test_tensorflow_import_leaves_sklearn_scipy_matplotlib_out_until_asked():
     code = (
         "import sys\n"
         "from simclr_tf import devices\n"
         "devices.initialize_devices()\n"
         "import keras\n"
-        "print('sklearn' in sys.modules, 'matplotlib' in sys.modules)\n"
+        f"print(*(m in sys.modules for m in {HIDDEN}))\n"
         "from sklearn import linear_model\n"
         "print(linear_model.LogisticRegression().fit("
         "[[0.0], [1.0]], [0, 1]).predict([[1.0]])[0])\n"
@@ -84,13 +87,32 @@ def test_tensorflow_import_leaves_sklearn_and_matplotlib_out_until_asked():
     )
     result = _python(code)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["False", "False", "1", "1"]
-    # Without the guard TensorFlow's import brings both in.
+    assert result.stdout.split() == ["False", "False", "False", "1", "1"]
+    # Without the guard TensorFlow's import brings all three in.
     plain = _python(
-        "import sys, tensorflow\n"
-        "print('sklearn' in sys.modules, 'matplotlib' in sys.modules)"
+        f"import sys, tensorflow\nprint(*(m in sys.modules for m in {HIDDEN}))"
     )
-    assert plain.stdout.split() == ["True", "True"]
+    assert plain.stdout.split() == ["True", "True", "True"]
+
+
+@pytest.mark.slow
+def test_tensorflow_datasets_is_imported_only_for_a_tfds_source():
+    code = (
+        "import sys\n"
+        "from simclr_tf import devices\n"
+        "devices.initialize_devices()\n"
+        "from simclr_tf import config, experiment\n"
+        "from simclr_tf.data import sources\n"
+        "print('tensorflow_datasets' in sys.modules)\n"
+        "try:\n"
+        "    sources.TfdsSource(config.DataConfig(dataset='no_such_set'))\n"
+        "except sources.DatasetError as e:\n"
+        "    print('tensorflow_datasets' in sys.modules)\n"
+        "    print('not a TFDS dataset' in str(e))\n"
+    )
+    result = _python(code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["False", "True", "True"]
 
 
 def _image_folder(root: Path, classes: int, per_class: int) -> Path:
