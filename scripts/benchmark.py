@@ -44,7 +44,13 @@ time are its own) and:
    product ran at it);
 4. then runs `--profile_steps` more steps under the TF profiler and
    reports the op time per step by op type (`top_ops`): where the compute
-   goes. Compare with `pipeline_only` and `*_nopipe` for the input side.
+   goes. Compare with `pipeline_only` and `*_nopipe` for the input side;
+5. with `--conv_times`, then times each distinct convolution of the model
+   alone (`model_convs`, `time_convs`: forward pass, input gradient and
+   kernel gradient at one step's examples, as the run computes them) and
+   reports the sums per step and the images/s the step would reach if
+   every gradient ran as fast as the forward convolution of its shape
+   (`conv_step_times`): a bound on what faster gradient kernels can give.
 
 The parent prints one JSON line per configuration and a table at the end
 (`--json_out` also writes them to a file). An image is one two-view
@@ -205,6 +211,183 @@ def count_graph_flops(fn, *specs) -> tuple[int, int]:
     return int(info.total_float_ops), padding
 
 
+def model_convs(model, image_size: int) -> list[dict]:
+    """The distinct convolutions of `model`'s forward pass and how often
+    each occurs, read from the graph of one traced call.
+
+    A VALID conv of a `tf.pad` output is recorded with the pad's input (the
+    unpadded input `layers.Conv2DFixedPadding` takes). The first conv of
+    the graph reads the images, so a step needs no input gradient there.
+
+    Args:
+      model: a `SimCLRModel` (input: `num_views` RGB images stacked on
+        the channel axis).
+      image_size: its input's side.
+
+    Returns:
+      [{"input": (H, W, C), "kernel": k, "filters": F, "stride": s,
+      "count": n, "input_gradient": bool}, ...] in graph order.
+    """
+    import tensorflow as tf
+
+    spec = tf.TensorSpec(
+        (1, image_size, image_size, 3 * model.num_views), tf.float32
+    )
+    graph = (
+        tf.function(lambda x: model(x, training=False))
+        .get_concrete_function(spec)
+        .graph
+    )
+    convs = {}
+    for op in graph.get_operations():
+        if op.type != "Conv2D":
+            continue
+        x = op.inputs[0]
+        if x.op.type == "Pad":
+            x = x.op.inputs[0]
+        kernel = op.inputs[1].shape
+        key = (
+            tuple(x.shape[1:]),
+            kernel[0],
+            kernel[3],
+            op.get_attr("strides")[1],
+        )
+        if key not in convs:
+            convs[key] = dict(
+                input=key[0],
+                kernel=key[1],
+                filters=key[2],
+                stride=key[3],
+                count=0,
+                input_gradient=bool(convs),
+            )
+        convs[key]["count"] += 1
+    return list(convs.values())
+
+
+def time_convs(
+    convs: list[dict],
+    batch: int,
+    dtype_policy: str,
+    backward: str,
+    repeats: int = 7,
+) -> list[dict]:
+    """Each of `convs` (`model_convs`) timed alone, as a run computes it.
+
+    A `layers.Conv2DFixedPadding` of the conv's shape, `dtype_policy` and
+    `backward` (`--conv_backward`) at `batch` examples: the median of
+    `repeats` calls of its forward pass, of its input gradient and of its
+    kernel gradient, each a `tf.function` of its own.
+
+    Returns:
+      `convs`' dicts with "forward_s", "input_gradient_s",
+      "kernel_gradient_s" and "gflops" (dense, one pass) added.
+    """
+    import keras
+    import tensorflow as tf
+
+    from simclr_tf.models import layers
+
+    timed = []
+    for conv in convs:
+        layer = layers.Conv2DFixedPadding(
+            conv["filters"],
+            conv["kernel"],
+            conv["stride"],
+            backward=backward,
+            dtype=keras.DTypePolicy(dtype_policy),
+        )
+        x = tf.cast(
+            tf.random.normal((batch, *conv["input"])), layer.compute_dtype
+        )
+        forward_s, input_s, kernel_s, out = _time_conv(layer, x, repeats)
+        timed.append(
+            dict(
+                conv,
+                forward_s=forward_s,
+                input_gradient_s=input_s,
+                kernel_gradient_s=kernel_s,
+                gflops=2e-9
+                * batch
+                * out[0]
+                * out[1]
+                * conv["kernel"] ** 2
+                * conv["input"][2]
+                * conv["filters"],
+            )
+        )
+    return timed
+
+
+def _time_conv(layer, x, repeats: int) -> tuple[float, float, float, tuple]:
+    """Median seconds of `layer`'s forward pass, input gradient and kernel
+    gradient at `x`, and the output's (H, W)."""
+    import tensorflow as tf
+
+    y = layer(x)  # Builds the layer.
+    dy = tf.cast(tf.random.normal(y.shape), y.dtype)
+
+    def gradients(x, dy):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+        return tape.gradient(y, [x, layer.kernel], output_gradients=dy)
+
+    def median_s(fn, *args) -> float:
+        fn(*args)  # Trace and warm up.
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn(*args).numpy()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    return (
+        median_s(tf.function(layer), x),
+        median_s(tf.function(lambda x, dy: gradients(x, dy)[0]), x, dy),
+        median_s(tf.function(lambda x, dy: gradients(x, dy)[1]), x, dy),
+        tuple(y.shape[1:3]),
+    )
+
+
+def conv_step_times(
+    convs: list[dict], batch_size: int, images_per_s: float
+) -> dict:
+    """Seconds per step of the timed `convs` (`time_convs`, one step's
+    examples), each conv counted as often as the model has it.
+
+    "gradients_over_forward_s" is what the gradients take beyond their
+    conv's forward time (the same products): the step would be that much
+    shorter if every gradient a step computes ran as fast as the forward
+    convolution of its shape, and train at
+    "images_per_s_if_gradients_at_forward_speed" instead of the measured
+    `images_per_s` (steps of `batch_size` images). The first conv's input
+    gradient is not computed by a step and is left out.
+    """
+    total = dict(
+        forward_s=0.0,
+        input_gradient_s=0.0,
+        kernel_gradient_s=0.0,
+        gradients_over_forward_s=0.0,
+    )
+    for conv in convs:
+        n, forward = conv["count"], conv["forward_s"]
+        grads = [conv["kernel_gradient_s"]]
+        if conv["input_gradient"]:
+            grads.append(conv["input_gradient_s"])
+            total["input_gradient_s"] += n * conv["input_gradient_s"]
+        total["forward_s"] += n * forward
+        total["kernel_gradient_s"] += n * conv["kernel_gradient_s"]
+        total["gradients_over_forward_s"] += n * sum(
+            max(g - forward, 0.0) for g in grads
+        )
+    step_s = batch_size / images_per_s
+    total["images_per_s_if_gradients_at_forward_speed"] = batch_size / (
+        step_s - total["gradients_over_forward_s"]
+    )
+    return total
+
+
 def top_ops(logdir: str, steps: int, k: int = 8) -> list[dict]:
     """Where a profiled step's op time goes, by op type.
 
@@ -283,6 +466,7 @@ class Settings:
     recompute_bn_relu: bool = True
     grad_cache_chunk_size: int = 0
     inter_op_threads: int = 0
+    conv_times: bool = False
 
 
 def benchmark_config(preset: tuple[str, bool, str, str], settings: Settings):
@@ -497,6 +681,18 @@ def run_worker(
     ops = []
     if settings.profile_steps > 0:  # After the timing and the peak RSS.
         ops = _profile_ops(loop, iterator, settings.profile_steps)
+    convs, conv_step = [], {}
+    if settings.conv_times:
+        views = config.train.train_batch_size * model.num_views
+        convs = time_convs(
+            model_convs(model, size),
+            views // strategy.num_replicas_in_sync,
+            model.dtype_policy.name,
+            settings.conv_backward,
+        )
+        conv_step = conv_step_times(
+            convs, config.train.train_batch_size, images_per_s
+        )
     return dict(
         config=name,
         mixed_precision=preset[0],
@@ -530,6 +726,8 @@ def run_worker(
             images_per_s * useful_flops / compute_matmul, 3
         ),
         top_ops=ops,
+        convs=convs,
+        conv_step=conv_step,
         loss_first=round(timed["loss_first"], 4),
         loss_last=round(timed["loss_last"], 4),
         load_avg_1min_start_end=[
@@ -592,6 +790,12 @@ def define_flags() -> None:
     )
     flags.DEFINE_integer(
         "inter_op_threads", 0, "--inter_op_threads of the runs (0: auto)."
+    )
+    flags.DEFINE_bool(
+        "conv_times",
+        False,
+        "After the rest, time each distinct convolution of the model alone "
+        "(forward, input gradient, kernel gradient; one step's examples).",
     )
     flags.DEFINE_integer("steps", 6, "Timed steps per configuration.")
     flags.DEFINE_integer(
@@ -748,6 +952,41 @@ def format_table(results: list[dict]) -> str:
     return "\n".join([head, rule, *rows])
 
 
+def format_convs(result: dict) -> str:
+    """The per-conv times of a result (`--conv_times`) and their sums."""
+    lines = [
+        f"Convolutions of {result['config']}, each alone at one step's "
+        "examples: median ms (dense GFLOP/s)",
+        "| input | kernel, filters, stride | count | forward | input gradient "
+        "| kernel gradient |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in result["convs"]:
+        cells = [
+            "x".join(map(str, c["input"])),
+            f"{c['kernel']}x{c['kernel']}, {c['filters']}, {c['stride']}",
+            str(c["count"]),
+        ]
+        for key in ("forward_s", "input_gradient_s", "kernel_gradient_s"):
+            unused = key == "input_gradient_s" and not c["input_gradient"]
+            cells.append(
+                f"{c[key] * 1e3:.0f} ({c['gflops'] / c[key]:.0f})"
+                + (" not in a step" if unused else "")
+            )
+        lines.append("| " + " | ".join(cells) + " |")
+    step = result["conv_step"]
+    lines.append(
+        f"Per step: forward {step['forward_s'] * 1e3:.0f} ms, input "
+        f"gradients {step['input_gradient_s'] * 1e3:.0f} ms, kernel "
+        f"gradients {step['kernel_gradient_s'] * 1e3:.0f} ms; every gradient "
+        "at its forward's speed would save "
+        f"{step['gradients_over_forward_s'] * 1e3:.0f} ms: "
+        f"{step['images_per_s_if_gradients_at_forward_speed']:.1f} images/s "
+        f"(measured {result['images_per_s']:.1f})."
+    )
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -785,6 +1024,8 @@ def main(argv: list[str]) -> None:
                     for o in result["top_ops"]
                 )
             )
+        if result["convs"]:
+            print(format_convs(result))
     if "pipeline_only" in FLAGS.configs:
         result = _run_child("pipeline_only")
         print(json.dumps(result), flush=True)

@@ -1,5 +1,6 @@
 """Tests of scripts/benchmark.py's pieces (not of any timing)."""
 
+import collections
 import importlib.util
 import json
 import os
@@ -107,7 +108,7 @@ def _resnet18_cifar_macs(size: int) -> int:
         for block in range(2):
             macs += s * s * 9 * cin * cout  # conv1
             macs += s * s * 9 * cout * cout  # conv2
-            if block == 0 and cin != cout:
+            if block == 0:  # The reference projects in every first block.
                 macs += s * s * cin * cout  # 1x1 projection shortcut
             cin = cout
     return macs
@@ -144,11 +145,75 @@ def test_resnet18_forward_flops_match_the_conv_count():
         lambda x: model(x, training=False), tf.TensorSpec((1, 32, 32, 6))
     )
     convs = 2 * 2 * _resnet18_cifar_macs(32)  # 2 views, 2 FLOPs per MAC.
-    # About 1.11 GFLOPs of conv per view (FACTS.md: 1.12 GFLOPs forward);
+    # About 1.12 GFLOPs of conv per view (FACTS.md: 1.12 GFLOPs forward);
     # heads, bias and residual adds are the rest, about 1%.
-    assert convs == pytest.approx(2 * 1.112e9, rel=2e-3)
+    assert convs == pytest.approx(2 * 1.12e9, rel=2e-3)
     assert convs <= flops <= 1.02 * convs
     assert padding == 2 * 2 * _resnet18_cifar_padding_macs(32)
+
+
+def test_model_convs_of_the_cifar_resnet18():
+    config = config_lib.from_flat(dict(resnet_depth=18, image_size=32))
+    keras.mixed_precision.set_global_policy("float32")
+    model = factory.build_model(config, num_classes=10)
+    convs = benchmark.model_convs(model, 32)
+    # The architecture: CIFAR stem, then per group a first block with a
+    # (strided from group 2 on) 3x3 conv, a 3x3 conv and a 1x1 projection,
+    # and a second block of two 3x3 convs.
+    expected = collections.Counter({((32, 32, 3), 3, 64, 1): 1})
+    side, cin = 32, 64
+    for i, cout in enumerate((64, 128, 256, 512)):
+        stride = 1 if i == 0 else 2
+        expected[((side, side, cin), 3, cout, stride)] += 1
+        expected[((side, side, cin), 1, cout, stride)] += 1
+        side //= stride
+        expected[((side, side, cout), 3, cout, 1)] += 3
+        cin = cout
+    got = {
+        (c["input"], c["kernel"], c["filters"], c["stride"]): c["count"]
+        for c in convs
+    }
+    assert got == expected
+    assert sum(got.values()) == 21  # 17 3x3 convs + 4 projections.
+    # Only the stem reads the images: no input gradient there.
+    assert [c["input_gradient"] for c in convs] == [False] + [True] * (
+        len(convs) - 1
+    )
+
+
+def test_conv_step_times_sum_by_count():
+    convs = [
+        dict(count=1, input_gradient=False, forward_s=0.02,
+             input_gradient_s=0.05, kernel_gradient_s=0.01),
+        dict(count=3, input_gradient=True, forward_s=0.10,
+             input_gradient_s=0.12, kernel_gradient_s=0.15),
+    ]  # fmt: skip
+    step = benchmark.conv_step_times(convs, 256, 50.0)  # 5.12 s a step.
+    assert step["forward_s"] == pytest.approx(0.02 + 3 * 0.10)
+    assert step["input_gradient_s"] == pytest.approx(3 * 0.12)  # Not the stem.
+    assert step["kernel_gradient_s"] == pytest.approx(0.01 + 3 * 0.15)
+    # The stem's kernel gradient is faster than its forward: nothing over.
+    assert step["gradients_over_forward_s"] == pytest.approx(3 * (0.02 + 0.05))
+    assert step["images_per_s_if_gradients_at_forward_speed"] == pytest.approx(
+        256 / (5.12 - 0.21)
+    )
+
+
+def test_time_convs_times_the_three_passes_of_a_strided_conv():
+    conv = dict(input=(8, 8, 4), kernel=3, filters=8, stride=2, count=2,
+                input_gradient=True)  # fmt: skip
+    (timed,) = benchmark.time_convs([conv], 2, "float32", "auto", repeats=1)
+    assert {k: timed[k] for k in conv} == conv
+    for key in ("forward_s", "input_gradient_s", "kernel_gradient_s"):
+        assert 0 < timed[key] < 60
+    # 2 examples x 4x4 outputs x 9 taps x 4 x 8 channels, 2 FLOPs each.
+    assert timed["gflops"] == pytest.approx(2 * 2 * 16 * 9 * 4 * 8 / 1e9)
+    step = benchmark.conv_step_times([timed], 256, 50.0)
+    result = dict(config="float32", images_per_s=50.0, convs=[timed])
+    table = benchmark.format_convs(dict(result, conv_step=step))
+    assert "| 8x8x4 | 3x3, 8, 2 | 2 |" in table
+    bound = step["images_per_s_if_gradients_at_forward_speed"]
+    assert f"{bound:.1f} images/s (measured 50.0)" in table
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
