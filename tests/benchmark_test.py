@@ -1,4 +1,5 @@
-"""Tests of scripts/benchmark.py's pieces (not of any timing)."""
+"""Tests of scripts/benchmark.py's and scripts/benchmark_measures.py's
+pieces (not of any timing)."""
 
 import collections
 import importlib.util
@@ -28,6 +29,7 @@ def _load_script():
 
 
 benchmark = _load_script()
+measures = benchmark.measures
 
 
 def test_count_graph_flops_tiny_conv_net():
@@ -39,9 +41,7 @@ def test_count_graph_flops_tiny_conv_net():
         return dense(tf.reduce_mean(conv(x), axis=[1, 2]))
 
     fn(tf.zeros((2, 8, 8, 3)))  # Build.
-    flops, padding = benchmark.count_graph_flops(
-        fn, tf.TensorSpec((2, 8, 8, 3))
-    )
+    flops, padding = measures.count_graph_flops(fn, tf.TensorSpec((2, 8, 8, 3)))
     # 2 FLOPs per multiply-add. Conv: 2 images x 8x8 outputs x 4 filters x
     # (3x3x3) taps; dense: 2 x 4 x 5. The mean over 2x8x8x4 elements:
     # 64 - 1 adds + 1 divide per output (TF profiler's reduction count).
@@ -80,7 +80,7 @@ def test_conv_padding_flops_counts_the_products_with_zeros(
             return tf.nn.conv2d(x, kernel, stride, pads)
         return tf.nn.conv2d(x, kernel, stride, "SAME")
 
-    _, padding = benchmark.count_graph_flops(
+    _, padding = measures.count_graph_flops(
         fn, tf.TensorSpec((3, size, size, 2))
     )
     # 3 outputs x 3 taps = 9 pairs per axis; 3 images, 2 -> 5 channels.
@@ -93,9 +93,7 @@ def test_a_valid_conv_of_real_data_has_no_padding_flops():
     def fn(x):
         return tf.nn.conv2d(x, kernel, 1, "VALID")
 
-    flops, padding = benchmark.count_graph_flops(
-        fn, tf.TensorSpec((1, 6, 6, 2))
-    )
+    flops, padding = measures.count_graph_flops(fn, tf.TensorSpec((1, 6, 6, 2)))
     assert padding == 0 and flops == 2 * 4 * 4 * 9 * 2 * 5
 
 
@@ -141,7 +139,7 @@ def test_resnet18_forward_flops_match_the_conv_count():
     config = config_lib.from_flat(dict(resnet_depth=18, image_size=32))
     keras.mixed_precision.set_global_policy("float32")
     model = factory.build_model(config, num_classes=10)
-    flops, padding = benchmark.count_graph_flops(
+    flops, padding = measures.count_graph_flops(
         lambda x: model(x, training=False), tf.TensorSpec((1, 32, 32, 6))
     )
     convs = 2 * 2 * _resnet18_cifar_macs(32)  # 2 views, 2 FLOPs per MAC.
@@ -156,7 +154,7 @@ def test_model_convs_of_the_cifar_resnet18():
     config = config_lib.from_flat(dict(resnet_depth=18, image_size=32))
     keras.mixed_precision.set_global_policy("float32")
     model = factory.build_model(config, num_classes=10)
-    convs = benchmark.model_convs(model, 32)
+    convs = measures.model_convs(model, 32)
     # The architecture: CIFAR stem, then per group a first block with a
     # (strided from group 2 on) 3x3 conv, a 3x3 conv and a 1x1 projection,
     # and a second block of two 3x3 convs.
@@ -188,7 +186,7 @@ def test_conv_step_times_sum_by_count():
         dict(count=3, input_gradient=True, forward_s=0.10,
              input_gradient_s=0.12, kernel_gradient_s=0.15),
     ]  # fmt: skip
-    step = benchmark.conv_step_times(convs, 256, 50.0)  # 5.12 s a step.
+    step = measures.conv_step_times(convs, 256, 50.0)  # 5.12 s a step.
     assert step["forward_s"] == pytest.approx(0.02 + 3 * 0.10)
     assert step["input_gradient_s"] == pytest.approx(3 * 0.12)  # Not the stem.
     assert step["kernel_gradient_s"] == pytest.approx(0.01 + 3 * 0.15)
@@ -202,15 +200,15 @@ def test_conv_step_times_sum_by_count():
 def test_time_convs_times_the_three_passes_of_a_strided_conv():
     conv = dict(input=(8, 8, 4), kernel=3, filters=8, stride=2, count=2,
                 input_gradient=True)  # fmt: skip
-    (timed,) = benchmark.time_convs([conv], 2, "float32", "auto", repeats=1)
+    (timed,) = measures.time_convs([conv], 2, "float32", "auto", repeats=1)
     assert {k: timed[k] for k in conv} == conv
     for key in ("forward_s", "input_gradient_s", "kernel_gradient_s"):
         assert 0 < timed[key] < 60
     # 2 examples x 4x4 outputs x 9 taps x 4 x 8 channels, 2 FLOPs each.
     assert timed["gflops"] == pytest.approx(2 * 2 * 16 * 9 * 4 * 8 / 1e9)
-    step = benchmark.conv_step_times([timed], 256, 50.0)
+    step = measures.conv_step_times([timed], 256, 50.0)
     result = dict(config="float32", images_per_s=50.0, convs=[timed])
-    table = benchmark.format_convs(dict(result, conv_step=step))
+    table = measures.format_convs(dict(result, conv_step=step))
     assert "| 8x8x4 | 3x3, 8, 2 | 2 |" in table
     bound = step["images_per_s_if_gradients_at_forward_speed"]
     assert f"{bound:.1f} images/s (measured 50.0)" in table
@@ -218,7 +216,7 @@ def test_time_convs_times_the_three_passes_of_a_strided_conv():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_matmul_flops_per_s_is_a_plausible_rate(dtype):
-    rate = benchmark.matmul_flops_per_s(n=256, seconds=0.2, dtype=dtype)
+    rate = measures.matmul_flops_per_s(n=256, seconds=0.2, dtype=dtype)
     # Between 0.1 GFLOP/s (far slower than any CPU) and 100 TFLOP/s.
     assert 1e8 < rate < 1e14
 
@@ -278,12 +276,12 @@ def test_top_ops_sums_executor_events_by_op_type(tmp_path):
     path.parent.mkdir(parents=True)
     path.write_bytes(space.SerializeToString())
     # Two steps: Conv2D 80 ms -> 40 per step, 80 %; AddV2 20 -> 10, 20 %.
-    assert benchmark.top_ops(str(tmp_path), steps=2) == [
+    assert measures.top_ops(str(tmp_path), steps=2) == [
         dict(op="Conv2D", ms_per_step=40.0, share=0.8),
         dict(op="AddV2", ms_per_step=10.0, share=0.2),
     ]
     # k=1: the rest is summed as "other".
-    assert benchmark.top_ops(str(tmp_path), steps=2, k=1)[1] == dict(
+    assert measures.top_ops(str(tmp_path), steps=2, k=1)[1] == dict(
         op="other", ms_per_step=10.0, share=0.2
     )
 
