@@ -200,9 +200,16 @@ def time_convs(
     """Each of `convs` (`model_convs`) timed alone, as a run computes it.
 
     A `layers.Conv2DFixedPadding` of the conv's shape, `dtype_policy` and
-    `backward` (`--conv_backward`) at `batch` examples: the median of
-    `repeats` calls of its forward pass, of its input gradient and of its
-    kernel gradient, each a `tf.function` of its own.
+    `backward`: the median of `repeats` calls of its forward pass, of its
+    input gradient and of its kernel gradient, each a `tf.function` of
+    its own, on random inputs.
+
+    Args:
+      convs: `model_convs`' list.
+      batch: examples per call (a step's views on one replica).
+      dtype_policy: the Keras dtype policy name ("mixed_bfloat16", ...).
+      backward: the run's `--conv_backward`.
+      repeats: timed calls per pass (after one untimed).
 
     Returns:
       `convs`' dicts with "forward_s", "input_gradient_s",
@@ -288,6 +295,15 @@ def conv_step_times(
     "images_per_s_if_gradients_at_forward_speed" instead of the measured
     `images_per_s` (steps of `batch_size` images). The first conv's input
     gradient is not computed by a step and is left out.
+
+    Args:
+      convs: `time_convs`' list.
+      batch_size: images per step.
+      images_per_s: the step's measured rate.
+
+    Returns:
+      {"forward_s", "input_gradient_s", "kernel_gradient_s",
+      "gradients_over_forward_s", "images_per_s_if_gradients_at_forward_speed"}.
     """
     total = dict(
         forward_s=0.0,
