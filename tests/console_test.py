@@ -96,7 +96,7 @@ def test_tensorflow_import_leaves_sklearn_scipy_matplotlib_out_until_asked():
 
 
 @pytest.mark.slow
-def test_tensorflow_datasets_is_imported_only_for_a_tfds_source():
+def test_tensorflow_datasets_is_imported_only_to_open_a_tfds_source():
     code = (
         "import sys\n"
         "from simclr_tf import devices\n"
@@ -105,7 +105,7 @@ def test_tensorflow_datasets_is_imported_only_for_a_tfds_source():
         "from simclr_tf.data import sources\n"
         "print('tensorflow_datasets' in sys.modules)\n"
         "try:\n"
-        "    sources.TfdsSource(config.DataConfig(dataset='no_such_set'))\n"
+        "    sources.open_source(config.DataConfig(dataset='no_such_set'))\n"
         "except sources.DatasetError as e:\n"
         "    print('tensorflow_datasets' in sys.modules)\n"
         "    print('not a TFDS dataset' in str(e))\n"
